@@ -1,0 +1,180 @@
+"""Command line: ``python -m ctxseg train | eval | export``.
+
+The flags below are a stable interface: people and outside checks script against them.
+Every field of the method's config dataclass can also be set with ``--set KEY=VALUE``
+(repeatable) or from ``--config file.yaml``; ``python -m ctxseg train --method ce --list-settings``
+prints them with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ctxseg.config import DATASET_DEFAULTS, apply_overrides, load_yaml, parse_set, to_plain
+
+# CLI flag -> config field (only flags the user actually gave override the config).
+_FLAG_FIELDS = {
+    "data": "data",
+    "data_root": "data_root",
+    "encoder": "encoder",
+    "epochs": "epochs",
+    "iters": "iters",
+    "crop": "crop",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "out": "out",
+    "ckpt_every": "ckpt_every",
+}
+
+
+def _add_train(sub) -> None:
+    from ctxseg.data import DATASETS
+    from ctxseg.methods import METHODS
+
+    p = sub.add_parser("train", help="train a method", description="Train a segmentation method.")
+    p.add_argument("--method", default="ce", choices=sorted(METHODS))
+    p.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: synthetic)")
+    p.add_argument("--data-root", help="dataset folder (default: data/<name>)")
+    p.add_argument("--encoder", help="timm encoder name (default: resnet18)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--iters", type=int)
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, help="global batch size across processes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run folder (default: runs/<method>-<data>-s<seed>)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
+    p.add_argument("--config", help="YAML file of settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CKPT",
+        help="continue the run in --out from its newest checkpoint (or from CKPT)",
+    )
+    p.add_argument("--list-settings", action="store_true", help="print every setting and its default, then exit")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_eval(sub) -> None:
+    from ctxseg.data import DATASETS
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained model; prints one JSON object",
+        description="Evaluate a checkpoint (.pt), an export (.safetensors) or a run folder. "
+        "Prints exactly one JSON object on stdout.",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", choices=sorted(DATASETS), help="default: the dataset it was trained on")
+    p.add_argument("--data-root", help="default: the root it was trained with")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--boundary-px", type=int, default=None, help="boundary-IoU tolerance (default: training's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write deployable safetensors weights from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output .safetensors path")
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """Defaults < dataset defaults < --config YAML < explicit flags < --set."""
+    from ctxseg.methods import get_method
+
+    cls = get_method(args.method).config_class
+    yaml_cfg = load_yaml(args.config) if args.config else {}
+    flags = {f: getattr(args, a) for a, f in _FLAG_FIELDS.items() if getattr(args, a) is not None}
+    sets = parse_set(args.set)
+    data = sets.get("data", flags.get("data", yaml_cfg.get("data", "synthetic")))
+    cfg = cls(method=args.method)
+    cfg = apply_overrides(cfg, DATASET_DEFAULTS.get(data, {}), f"dataset defaults for {data}")
+    cfg = apply_overrides(cfg, yaml_cfg, args.config or "")
+    if "epochs" in flags or "iters" in flags:  # one length flag replaces the other from YAML
+        cfg = apply_overrides(cfg, {"epochs": None, "iters": None}, "command line")
+    cfg = apply_overrides(cfg, flags, "command-line flags")
+    cfg = apply_overrides(cfg, sets, "--set")
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from ctxseg.engine.distributed import cleanup
+    from ctxseg.engine.trainer import Trainer
+
+    cfg = resolve_train_config(args)
+    if args.list_settings:
+        for k, v in to_plain(cfg).items():
+            print(f"{k}: {json.dumps(v)}")
+        return 0
+    cfg.validate()
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    result = trainer.fit()
+    cleanup()
+    if trainer.dist.is_main:
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ctxseg.data import build_dataset, eval_transform
+    from ctxseg.engine.distributed import resolve_device
+    from ctxseg.engine.evaluate import evaluate, load_trained
+    from ctxseg.engine.loader import eval_loader
+
+    device = resolve_device(args.device)
+    model, cfg, meta = load_trained(args.checkpoint, device)
+    data = args.data or cfg.data
+    kw = {"size": tuple(cfg.synthetic_size)} if data == "synthetic" else {}
+    root = args.data_root or (cfg.data_root if data == cfg.data else None)
+    ds = build_dataset(data, args.split, root, eval_transform(), **kw)
+    if list(ds.info.class_names) != list(meta["class_names"]):
+        raise ValueError(
+            f"the model was trained on classes {meta['class_names']} but {data} has {list(ds.info.class_names)}"
+        )
+    bs = args.batch_size or DATASET_DEFAULTS.get(data, {}).get("eval_batch_size", cfg.eval_batch_size)
+    loader = eval_loader(ds, bs, args.num_workers)
+    result = evaluate(model, loader, ds.info, device, args.boundary_px or cfg.boundary_px, progress=args.progress)
+    result.update(
+        {"data": data, "split": args.split, "checkpoint": meta["path"], "method": cfg.method, "step": meta["step"]}
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ctxseg.engine.evaluate import export_safetensors, load_trained
+
+    model, cfg, meta = load_trained(args.checkpoint)
+    path = export_safetensors(model, cfg, meta["class_names"], args.out, meta["step"])
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ctxseg", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}
+    from ctxseg.engine.checkpoint import CheckpointError
+
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileExistsError, CheckpointError) as e:
+        # Configuration, data and checkpoint errors are the user's to fix (DatasetError is a
+        # ValueError): one clear line that names the setting or file, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,214 @@
+"""Run configuration: one dataclass per method, all extending ``TrainConfig``.
+
+Values are resolved in this order, later wins: dataclass defaults, the dataset's defaults
+(``DATASET_DEFAULTS``), a YAML file (``--config``), explicit command-line flags, ``--set KEY=VALUE``.
+The resolved config is written to the run folder as ``config.yaml`` and stored, as plain types, in
+every checkpoint so a model can be rebuilt from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every method (the method's own dataclass adds its fields).
+
+    Attributes:
+        method: method name (``ce``, ...); set by the CLI.
+        data: dataset name: synthetic | camvid | cityscapes | ade20k.
+        data_root: dataset folder (default ``data/<name>``; unused for synthetic).
+        encoder: timm encoder name (``features_only=True`` must give strides 4..32).
+        pretrained: load timm's pretrained encoder weights (needs network access).
+        decoder_channels: width of the FPN decoder.
+        epochs: training length in epochs (used when ``iters`` is not set).
+        iters: training length in optimizer steps (wins over ``epochs``).
+        crop: training crop (H, W); default depends on the dataset.
+        batch_size: global batch size, split evenly across torchrun processes.
+        seed: seeds the model init, the data order and every augmentation.
+        out: run folder (default ``runs/<method>-<data>-s<seed>``).
+        ckpt_every: write a checkpoint every N steps (and always at the end).
+        keep_ckpts: how many step checkpoints to keep (older ones are deleted).
+        optimizer: ``sgd`` (momentum, poly LR: the recipe users know) or ``adamw``.
+        lr, momentum, weight_decay, poly_power: optimizer and poly schedule settings.
+        warmup_iters: linear learning-rate warm-up steps before the poly decay.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); CPU runs
+            always in float32.
+        deterministic: ask cuDNN / CUDA for deterministic kernels (CPU runs are deterministic).
+        num_workers: DataLoader worker processes.
+        log_every: append a training row to metrics.jsonl every N steps.
+        eval_every: evaluate on ``eval_split`` every N steps (0: only at the end).
+        eval_split: split used for evaluation during and after training.
+        eval_batch_size: batch size of evaluation (1 for datasets whose image sizes vary).
+        scale_range, hflip, color_jitter: training augmentation.
+        boundary_px: boundary-IoU tolerance in pixels.
+        synthetic_size: (H, W) of generated synthetic images.
+        synthetic_train_len: number of synthetic training images.
+        device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ...
+    """
+
+    method: str = "ce"
+    data: str = "synthetic"
+    data_root: str | None = None
+    encoder: str = "resnet18"
+    pretrained: bool = False
+    decoder_channels: int = 128
+    epochs: int | None = None
+    iters: int | None = None
+    crop: tuple[int, int] | None = None
+    batch_size: int = 8
+    seed: int = 0
+    out: str | None = None
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    amp: bool = True
+    deterministic: bool = False
+    num_workers: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+    eval_split: str = "val"
+    eval_batch_size: int = 4
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    color_jitter: float = 0.2
+    boundary_px: int = 3
+    synthetic_size: tuple[int, int] = (128, 128)
+    synthetic_train_len: int = 2000
+    device: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        """Raise a ValueError naming the setting when a value cannot work."""
+        if self.iters is None and self.epochs is None:
+            raise ValueError("set the training length: --iters N or --epochs N")
+        for name in ("iters", "epochs"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.crop is not None and (len(self.crop) != 2 or min(self.crop) <= 0):
+            raise ValueError(f"crop must be two positive ints H W, got {self.crop}")
+        if self.ckpt_every <= 0 or self.keep_ckpts <= 0:
+            raise ValueError("ckpt_every and keep_ckpts must be positive")
+        return self
+
+
+# Per-dataset defaults, applied before the YAML file and the command line.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"crop": (128, 128)},
+    "camvid": {"crop": (360, 480)},
+    "cityscapes": {"crop": (512, 1024)},
+    "ade20k": {"crop": (512, 512), "eval_batch_size": 1},
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML-parsed value to the annotated field type, or explain what was expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    try:
+        if origin is tuple:
+            if isinstance(value, str):
+                value = value.replace(",", " ").split()
+            if not isinstance(value, (list, tuple)) or len(value) != len(args):
+                raise TypeError
+            return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    expected = getattr(tp, "__name__", str(tp))
+    raise ValueError(f"setting {key!r}: expected {expected}, got {value!r}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
+    """Return a copy of ``cfg`` with ``overrides`` applied; unknown keys are an error that lists
+    the valid ones (``source`` says where they came from, e.g. the YAML path or ``--set``)."""
+    types_ = _field_types(type(cfg))
+    unknown = sorted(set(overrides) - set(types_))
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {unknown} in {source} for {type(cfg).__name__}; valid keys: "
+            + ", ".join(sorted(types_))
+        )
+    return dataclasses.replace(cfg, **{k: _coerce(k, v, types_[k]) for k, v in overrides.items()})
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are read as YAML (``0.1``, ``true``, ``[360, 480]``)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of settings, naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def to_plain(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain Python types (tuples become lists) for YAML, JSON and checkpoints."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_plain(cls, data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from ``to_plain`` output, ignoring keys a newer/older version lacks."""
+    known = {f.name for f in fields(cls)}
+    return apply_overrides(cls(), {k: v for k, v in data.items() if k in known}, "checkpoint")

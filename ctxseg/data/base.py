@@ -1,0 +1,168 @@
+"""What every ctxseg dataset shares: class metadata, file reading with clear errors, label checks,
+and a ``__getitem__`` whose augmentation is a pure function of (sample index, augmentation seed).
+
+A dataset subclass only implements ``__len__``, ``load(i) -> (image HxWx3 uint8, mask HxW int64)``
+and ``describe(i)`` (a human-readable name of sample i for error messages); everything else lives
+here so that CamVid, Cityscapes, ADE20K and the synthetic scenes behave the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+IGNORE_INDEX = 255
+
+
+class DatasetError(ValueError):
+    """Bad dataset input: a missing root, a wrong layout, an unreadable file or invalid labels."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Class metadata of a dataset.
+
+    Attributes:
+        name: registry name, e.g. ``"camvid"``.
+        class_names: one name per trainable class, in label order.
+        palette: one RGB colour per class, for overlays.
+        ignore_index: label value excluded from losses and metrics.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def colorize(self, mask: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Map a label map (H, W) to an RGB image (H, W, 3) uint8; ignored pixels are black."""
+        mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: self.num_classes] = np.asarray(self.palette, dtype=np.uint8)
+        return lut[mask.astype(np.int64).clip(0, 255)]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an RGB image as (H, W, 3) uint8, naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read image {path}: corrupt or not an image ({e})") from None
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a single-channel label map (palette or greyscale PNG) as (H, W) int64."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(
+                    f"label map {path} has mode {im.mode!r}; expected a single-channel PNG "
+                    "(mode L or P) holding class indices"
+                )
+            return np.asarray(im).astype(np.int64)
+    except FileNotFoundError:
+        raise DatasetError(f"label file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"cannot read label map {path}: corrupt or not an image ({e})") from None
+
+
+def check_sample(image: np.ndarray, mask: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise a DatasetError naming ``where`` unless mask matches image size and labels are valid."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise DatasetError(f"{where}: image has shape {image.shape}, expected (H, W, 3)")
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(
+            f"{where}: label map is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
+            f"{image.shape[1]}x{image.shape[0]}; they must have the same size"
+        )
+    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
+    if bad.any():
+        values = np.unique(mask[bad])[:10].tolist()
+        raise DatasetError(
+            f"{where}: label values {values} are outside [0, {num_classes}) and not "
+            f"{IGNORE_INDEX} (ignore)"
+        )
+
+
+def require_dir(path: Path, layout: str) -> Path:
+    """Return ``path`` if it is a directory, else raise an error that shows the expected layout."""
+    if not path.is_dir():
+        raise DatasetError(f"dataset folder not found: {path}\nexpected layout:\n{layout}")
+    return path
+
+
+def tags_from_mask(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Image-level tags (multi-hot float vector of length C) of the classes present in ``mask``."""
+    valid = mask[mask != IGNORE_INDEX].long()
+    return (torch.bincount(valid, minlength=num_classes)[:num_classes] > 0).float()
+
+
+class SegmentationDataset(Dataset):
+    """Base class: subclasses set ``info`` and implement ``__len__``, ``load`` and ``describe``.
+
+    Indexing with an int gives an un-augmented sample; indexing with ``(i, seed)`` (what the
+    trainer's sampler yields) runs the transform under ``torch.manual_seed(seed)`` in a forked RNG,
+    so a sample's augmentation depends only on (i, seed): not on worker count, world size, or
+    whether the run was resumed.
+
+    Each item is a dict: ``image`` float (3, H, W), ``mask`` int64 (H, W) with 255 = ignore,
+    ``tags`` float (C,) multi-hot, ``index`` int.
+    """
+
+    info: DatasetInfo
+
+    def __init__(self, transform=None):
+        self.transform = transform
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        return f"{type(self).__name__}[{i}]"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {type(self).__name__} of length {len(self)}")
+        image, mask = self.load(i)
+        check_sample(image, mask, self.num_classes, self.describe(i))
+        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+        if self.transform is not None:
+            if seed is None:
+                image, mask = self.transform(image, mask)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image, mask = self.transform(image, mask)
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        mask = mask.as_subclass(torch.Tensor).long()
+        return {
+            "image": image.as_subclass(torch.Tensor),
+            "mask": mask,
+            "tags": tags_from_mask(mask, self.num_classes),
+            "index": i,
+        }

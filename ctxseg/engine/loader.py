@@ -1,0 +1,79 @@
+"""Data order that is a pure function of (seed, step): resumable mid-epoch and world-size aware.
+
+The training sampler draws each epoch's permutation from (seed, epoch), cuts it into global
+batches and hands each rank its slice. Every sample comes with an augmentation seed derived from
+(seed, epoch, index), which ``SegmentationDataset`` uses to seed its transform; so a resumed run,
+a run with a different number of workers, and an uninterrupted run see the same pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from ctxseg.engine.distributed import DistInfo
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+    return int(torch.randint(0, 2**62, (1,), generator=g))
+
+
+class TrainBatchSampler:
+    """Yields lists of ``(index, augmentation_seed)``: this rank's part of each global batch.
+
+    Args:
+        n: dataset length.
+        batch_size: global batch size (divisible by the world size).
+        seed: run seed.
+        dist: rank and world size.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, dist: DistInfo = DistInfo()):
+        if batch_size % dist.world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by the number of processes "
+                f"({dist.world_size})"
+            )
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} images, fewer than batch_size {batch_size}")
+        self.n, self.batch_size, self.seed, self.dist = n, batch_size, seed, dist
+        self.per_rank = batch_size // dist.world_size
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size  # drop the last, partial batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch, and how many of its batches were already consumed (for resume)."""
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        lo = self.dist.rank * self.per_rank
+        for b in range(self.start, self.batches_per_epoch):
+            chunk = perm[b * self.batch_size : (b + 1) * self.batch_size][lo : lo + self.per_rank]
+            yield [(i, augmentation_seed(self.seed, self.epoch, i)) for i in chunk]
+
+
+def train_loader(dataset, sampler: TrainBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int, dist: DistInfo = DistInfo()) -> DataLoader:
+    """Each rank evaluates a disjoint strided share (no padding duplicates, so the all-reduced
+    confusion matrix counts every image exactly once)."""
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)

@@ -1,0 +1,262 @@
+"""The one training engine every method runs on.
+
+Read ``Trainer.fit`` top to bottom: it is the whole loop. A method contributes its config, its
+training-only heads and its loss; the trainer owns data, model, optimisation, AMP, DDP,
+checkpoints, logging and evaluation.
+
+Run folder layout::
+
+    runs/NAME/
+      config.yaml        resolved config
+      metrics.jsonl      one JSON row per logged step and per evaluation
+      ckpt/step_*.pt     resumable checkpoints (newest ``keep_ckpts``), written atomically
+      model.safetensors  final deployable weights (training-only heads dropped) + config
+      eval.json          final evaluation on ``eval_split``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ctxseg.config import TrainConfig, to_plain
+from ctxseg.data import build_dataset, eval_transform, train_transform
+from ctxseg.engine import distributed as D
+from ctxseg.engine.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_step_checkpoint,
+    set_rng_state,
+)
+from ctxseg.engine.evaluate import build_model, evaluate, export_safetensors
+from ctxseg.engine.loader import TrainBatchSampler, eval_loader, train_loader
+from ctxseg.methods import get_method
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out or f"runs/{cfg.method}-{cfg.data}-s{cfg.seed}")
+
+
+def build_datasets(cfg: TrainConfig):
+    """(train set with augmentation, evaluation set) for ``cfg``."""
+    kw = {"size": tuple(cfg.synthetic_size)} if cfg.data == "synthetic" else {}
+    tf = train_transform(cfg.crop, cfg.scale_range, cfg.hflip, cfg.color_jitter)
+    train_kw = dict(kw, length=cfg.synthetic_train_len) if cfg.data == "synthetic" else kw
+    train = build_dataset(cfg.data, "train", cfg.data_root, tf, **train_kw)
+    val = build_dataset(cfg.data, cfg.eval_split, cfg.data_root, eval_transform(), **kw)
+    return train, val
+
+
+def poly_lr_lambda(total: int, warmup: int, power: float):
+    """Linear warm-up to the base LR, then (1 - t)^power decay to 0 at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1.0 - t) ** power
+
+    return f
+
+
+class Trainer:
+    """Train ``cfg.method`` as ``cfg`` describes.
+
+    Args:
+        cfg: resolved config (the method's dataclass).
+        resume: ``None`` for a new run; ``"auto"`` to continue from the newest checkpoint in the
+            run folder; or a checkpoint path.
+        progress: show tqdm progress bars (main process only).
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.device = D.resolve_device(cfg.device, D.local_rank_from_env())
+        self.dist = D.init_distributed(self.device)
+        self.progress = progress and self.dist.is_main
+        self.run_dir = default_run_dir(cfg)
+        self.ckpt_dir = self.run_dir / "ckpt"
+        self.resume_from = self._resolve_resume(resume)
+
+        if cfg.deterministic and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        torch.manual_seed(cfg.seed)  # model init and the method's sampling draw from here
+
+        self.train_set, self.val_set = build_datasets(cfg)
+        self.info = self.train_set.info
+        method_cls = get_method(cfg.method)
+        self.method = method_cls(cfg, self.info).to(self.device)
+        self.model = build_model(cfg, self.info.num_classes, heads=self.method.heads).to(self.device)
+        self.ddp_model = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.enabled
+            else self.model
+        )
+
+        self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
+        self.total_iters = cfg.iters or cfg.epochs * self.sampler.batches_per_epoch
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_lr_lambda(self.total_iters, cfg.warmup_iters, cfg.poly_power)
+        )
+        # bf16 where the GPU has it (no scaler needed), else fp16 with a GradScaler; CPU: float32.
+        self.amp_dtype = None
+        if cfg.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        existing = list_checkpoints(self.ckpt_dir)
+        if resume is None:
+            if existing:
+                raise FileExistsError(
+                    f"run folder {self.run_dir} already holds checkpoints ({existing[-1].name}); pass "
+                    "--resume to continue that run, or choose another --out"
+                )
+            return None
+        if resume != "auto":
+            return Path(resume)
+        if not existing:
+            raise CheckpointError(f"--resume: no checkpoint to resume from in {self.ckpt_dir}")
+        return existing[-1]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": rng_state(),
+            "config": to_plain(self.cfg),
+            "class_names": list(self.info.class_names),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_step_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.keep_ckpts)
+        D.barrier()
+
+    def _log(self, row: dict) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _start_run_folder(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(self.cfg), sort_keys=False))
+        log = self.run_dir / "metrics.jsonl"
+        if self.resume_from is None:
+            log.write_text("")
+        elif log.exists():
+            # Rows written after the checkpoint we resume from would be duplicated: drop them.
+            rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
+            log.write_text("".join(r + "\n" for r in rows))
+
+    def run_eval(self) -> dict:
+        loader = eval_loader(self.val_set, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), self.dist)
+        return evaluate(
+            self.model, loader, self.info, self.device, self.cfg.boundary_px, self.amp_dtype, self.progress
+        )
+
+    # ----------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to ``total_iters`` (resuming if asked), evaluate, export; return the final metrics."""
+        cfg = self.cfg
+        if self.resume_from is not None:
+            self.load_state_dict(load_checkpoint(self.resume_from))
+        self._start_run_folder()
+        D.barrier()
+
+        per_epoch = self.sampler.batches_per_epoch
+        loader = train_loader(self.train_set, self.sampler, cfg.num_workers, self.device.type == "cuda")
+        self.ddp_model.train()
+        bar = tqdm(total=self.total_iters, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
+        tic, last_logged = time.perf_counter(), self.step
+        while self.step < self.total_iters:
+            epoch, offset = divmod(self.step, per_epoch)
+            self.sampler.set_epoch(epoch, offset)
+            for batch in loader:
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with self._autocast():
+                    out = self.ddp_model(batch["image"])
+                # Losses compute in float32 themselves; autocast covers the network only.
+                loss, terms = self.method(out, batch, self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+
+                if self.step % cfg.log_every == 0 or self.step == self.total_iters:
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"loss became {value} at step {self.step}; lower lr (now {cfg.lr}) or check the data"
+                        )
+                    now = time.perf_counter()
+                    row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "loss": value}
+                    row.update({k: float(v) for k, v in terms.items()})
+                    row["sec_per_iter"] = (now - tic) / (self.step - last_logged)
+                    tic, last_logged = now, self.step
+                    self._log(row)
+                    bar.set_postfix(loss=f"{value:.3f}")
+                if self.step % cfg.ckpt_every == 0 and self.step < self.total_iters:
+                    self.save_checkpoint()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_iters:
+                    self._log({"step": self.step, "split": cfg.eval_split, **_summary(self.run_eval())})
+                if self.step >= self.total_iters:
+                    break
+        bar.close()
+
+        self.save_checkpoint()
+        result = self.run_eval()
+        self._log({"step": self.step, "split": cfg.eval_split, **_summary(result)})
+        if self.dist.is_main:
+            export_safetensors(self.model, cfg, self.info.class_names, self.run_dir / "model.safetensors", self.step)
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        D.barrier()
+        return result
+
+
+def _summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}

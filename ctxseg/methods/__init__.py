@@ -1,0 +1,20 @@
+"""Methods: name -> class. Adding a method is one module here and one line in ``METHODS``."""
+
+from __future__ import annotations
+
+from ctxseg.methods.base import Method, cross_entropy
+from ctxseg.methods.ce import CEConfig, CrossEntropy
+
+METHODS: dict[str, type[Method]] = {
+    "ce": CrossEntropy,
+}
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["CEConfig", "CrossEntropy", "METHODS", "Method", "cross_entropy", "get_method"]

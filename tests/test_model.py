@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from ctxseg.models import Head, Segmenter
+
+
+class CountingHead(Head):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(128, 8, 1)
+        self.calls = 0
+
+    def forward(self, out):
+        self.calls += 1
+        return {"proj": self.proj(out["features"])}
+
+
+@pytest.mark.parametrize("encoder", ["test_resnet", "test_convnext", "test_efficientnet"])
+def test_output_dict_shapes_follow_feature_info(encoder):
+    model = Segmenter(num_classes=5, encoder=encoder).eval()
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out["logits"].shape == (2, 5, 16, 24)
+    assert out["features"].shape == (2, 128, 16, 24)
+    assert [tuple(s.shape[-2:]) for s in out["stages"]] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [s.shape[1] for s in out["stages"]] == model.stage_channels
+    assert model.predict(torch.randn(1, 3, 64, 96)).shape == (1, 5, 64, 96)
+
+
+def test_heads_run_in_training_only_and_can_be_dropped():
+    head = CountingHead()
+    model = Segmenter(3, "test_resnet", heads={"p": head})
+    model.train()
+    assert "proj" in model(torch.randn(2, 3, 64, 64))
+    model.eval()
+    assert "proj" not in model(torch.randn(1, 3, 32, 32))
+    assert head.calls == 1
+    deployed = model.deploy_state_dict()
+    assert not any(k.startswith("heads.") for k in deployed)
+    baseline = Segmenter(3, "test_resnet")
+    baseline.load_state_dict(deployed)  # strict: same keys as a head-less model
+    assert sum(p.numel() for p in model.drop_heads().parameters()) == sum(p.numel() for p in baseline.parameters())
+
+
+def test_heads_factory_sees_model_channels():
+    model = Segmenter(3, "test_resnet", heads=lambda m: {"p": nn.Conv2d(m.stage_channels[-1], 4, 1)})
+    assert model.heads["p"].in_channels == model.stage_channels[-1]
+
+
+def test_encoder_without_required_strides_is_a_clear_error():
+    with pytest.raises(ValueError, match="strides"):
+        Segmenter(3, "test_vit")
+
+
+def test_gradients_reach_encoder_decoder_and_classifier():
+    model = Segmenter(4, "test_resnet")
+    model(torch.randn(2, 3, 32, 32))["logits"].sum().backward()
+    for name in ("encoder", "decoder", "classifier"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), name
