@@ -191,6 +191,7 @@ class Trainer:
             log.write_text("".join(r + "\n" for r in rows))
 
     def run_eval(self) -> dict:
+        D.broadcast_buffers(self.model)
         loader = eval_loader(self.val_set, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), self.dist)
         return evaluate(
             self.model, loader, self.info, self.device, self.cfg.boundary_px, self.amp_dtype, self.progress
