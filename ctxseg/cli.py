@@ -123,17 +123,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ctxseg.data import build_dataset, eval_transform
     from ctxseg.engine.distributed import resolve_device
-    from ctxseg.engine.evaluate import evaluate, load_trained
+    from ctxseg.engine.evaluate import eval_dataset, evaluate, load_trained
     from ctxseg.engine.loader import eval_loader
 
     device = resolve_device(args.device)
     model, cfg, meta = load_trained(args.checkpoint, device)
     data = args.data or cfg.data
-    kw = {"size": tuple(cfg.synthetic_size)} if data == "synthetic" else {}
-    root = args.data_root or (cfg.data_root if data == cfg.data else None)
-    ds = build_dataset(data, args.split, root, eval_transform(), **kw)
+    ds = eval_dataset(cfg, args.split, data, args.data_root)
     if list(ds.info.class_names) != list(meta["class_names"]):
         raise ValueError(
             f"the model was trained on classes {meta['class_names']} but {data} has {list(ds.info.class_names)}"
@@ -205,17 +202,15 @@ DEMO_ITERS = 600
 def cmd_demo(args) -> int:
     from pathlib import Path
 
-    from ctxseg.engine.checkpoint import list_checkpoints
     from ctxseg.engine.trainer import Trainer
     from ctxseg.methods.ce import CEConfig
     from ctxseg.viz.report import write_report
 
     out = Path(args.out)
     run = out / "ce"
-    cfg = CEConfig(iters=args.iters, seed=args.seed, out=str(run), crop=(128, 128), eval_every=max(1, args.iters // 4))
+    cfg = CEConfig(iters=args.iters, seed=args.seed, out=str(run), eval_every=max(1, args.iters // 4))
     if not (run / "eval.json").is_file():
-        resume = "auto" if list_checkpoints(run / "ckpt") else None
-        Trainer(cfg, resume=resume, progress=not args.no_progress).fit()
+        Trainer(cfg, resume="auto", progress=not args.no_progress).fit()
     report = write_report([run], out / "report.html", title="ctxseg demo: CE baseline on synthetic scenes")
     final = json.loads((run / "eval.json").read_text())
     print(f"synthetic val: mIoU {final['miou']:.3f}, boundary IoU {final['boundary_iou']:.3f}")

@@ -31,7 +31,7 @@ class TrainConfig:
         decoder_channels: width of the FPN decoder.
         epochs: training length in epochs (used when ``iters`` is not set).
         iters: training length in optimizer steps (wins over ``epochs``).
-        crop: training crop (H, W); default depends on the dataset.
+        crop: training crop (H, W); None: the dataset's default (``DATASET_DEFAULTS``).
         batch_size: global batch size, split evenly across torchrun processes.
         seed: seeds the model init, the data order and every augmentation.
         out: run folder (default ``runs/<method>-<data>-s<seed>``).
@@ -89,6 +89,11 @@ class TrainConfig:
     synthetic_size: tuple[int, int] = (128, 128)
     synthetic_train_len: int = 2000
     device: str = "auto"
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """The training crop: ``crop``, or the dataset's default when it is None."""
+        return tuple(self.crop) if self.crop is not None else DATASET_DEFAULTS[self.data]["crop"]
 
     def validate(self) -> "TrainConfig":
         """Raise a ValueError naming the setting when a value cannot work."""

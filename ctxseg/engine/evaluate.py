@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ctxseg.config import TrainConfig, from_plain, to_plain
+from ctxseg.data import build_dataset, eval_transform
 from ctxseg.data.base import DatasetInfo
 from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ctxseg.engine.metrics import SegMetrics
@@ -28,6 +29,15 @@ def build_model(cfg: TrainConfig, num_classes: int, heads=None) -> Segmenter:
         decoder_channels=cfg.decoder_channels,
         heads=heads,
     )
+
+
+def eval_dataset(cfg: TrainConfig, split: str, data: str | None = None, root: str | None = None):
+    """The evaluation set for a run's config (its dataset, root and synthetic size), optionally
+    on another dataset/root with the same classes."""
+    data = data or cfg.data
+    kw = {"size": tuple(cfg.synthetic_size)} if data == "synthetic" else {}
+    root = root or (cfg.data_root if data == cfg.data else None)
+    return build_dataset(data, split, root, eval_transform(), **kw)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ctxseg.config import TrainConfig, to_plain
-from ctxseg.data import build_dataset, eval_transform, train_transform
+from ctxseg.data import build_dataset, train_transform
 from ctxseg.engine import distributed as D
 from ctxseg.engine.checkpoint import (
     CheckpointError,
@@ -38,7 +38,7 @@ from ctxseg.engine.checkpoint import (
     save_step_checkpoint,
     set_rng_state,
 )
-from ctxseg.engine.evaluate import build_model, evaluate, export_safetensors
+from ctxseg.engine.evaluate import build_model, eval_dataset, evaluate, export_safetensors
 from ctxseg.engine.loader import TrainBatchSampler, eval_loader, train_loader
 from ctxseg.methods import get_method
 
@@ -49,12 +49,9 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 def build_datasets(cfg: TrainConfig):
     """(train set with augmentation, evaluation set) for ``cfg``."""
-    kw = {"size": tuple(cfg.synthetic_size)} if cfg.data == "synthetic" else {}
-    tf = train_transform(cfg.crop, cfg.scale_range, cfg.hflip, cfg.color_jitter)
-    train_kw = dict(kw, length=cfg.synthetic_train_len) if cfg.data == "synthetic" else kw
-    train = build_dataset(cfg.data, "train", cfg.data_root, tf, **train_kw)
-    val = build_dataset(cfg.data, cfg.eval_split, cfg.data_root, eval_transform(), **kw)
-    return train, val
+    tf = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter)
+    kw = {"size": tuple(cfg.synthetic_size), "length": cfg.synthetic_train_len} if cfg.data == "synthetic" else {}
+    return build_dataset(cfg.data, "train", cfg.data_root, tf, **kw), eval_dataset(cfg, cfg.eval_split)
 
 
 def poly_lr_lambda(total: int, warmup: int, power: float):
@@ -74,8 +71,9 @@ class Trainer:
 
     Args:
         cfg: resolved config (the method's dataclass).
-        resume: ``None`` for a new run; ``"auto"`` to continue from the newest checkpoint in the
-            run folder; or a checkpoint path.
+        resume: ``None`` for a new run (refused if the run folder has checkpoints); ``"auto"``
+            to continue from the newest checkpoint in the run folder (a fresh start if there is
+            none yet); or a checkpoint path.
         progress: show tqdm progress bars (main process only).
     """
 
@@ -129,9 +127,10 @@ class Trainer:
             return None
         if resume != "auto":
             return Path(resume)
-        if not existing:
-            raise CheckpointError(f"--resume: no checkpoint to resume from in {self.ckpt_dir}")
-        return existing[-1]
+        if not existing and self.dist.is_main:
+            # Killed before its first checkpoint: there is nothing to lose, start it afresh.
+            print(f"--resume: no checkpoint in {self.ckpt_dir} yet, starting the run", flush=True)
+        return existing[-1] if existing else None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg

@@ -2,19 +2,31 @@
 heavy optional tools such as UMAP stay lazy)."""
 
 from ctxseg.viz.plots import (
+    legend_handles,
     overlay,
+    plot_class_frequencies,
     plot_learning_curves,
     plot_per_class_iou,
     predict_batch,
+    show_augmentations,
+    show_context_crops,
+    show_palette,
     show_predictions,
+    show_samples,
 )
 from ctxseg.viz.runs import load_run
 
 __all__ = [
+    "legend_handles",
     "load_run",
     "overlay",
+    "plot_class_frequencies",
     "plot_learning_curves",
     "plot_per_class_iou",
     "predict_batch",
+    "show_augmentations",
+    "show_context_crops",
+    "show_palette",
     "show_predictions",
+    "show_samples",
 ]

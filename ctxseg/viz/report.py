@@ -23,8 +23,7 @@ def _png(fig) -> str:
 
 def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctxseg report") -> Path:
     """Write ``out`` (HTML) for the finished runs in ``run_dirs``; returns its path."""
-    from ctxseg.data import build_dataset, eval_transform
-    from ctxseg.engine.evaluate import load_trained
+    from ctxseg.engine.evaluate import eval_dataset, load_trained
 
     runs = [load_run(d) for d in run_dirs]
     runs = [r for r in runs if r["final"] is not None]
@@ -52,8 +51,7 @@ def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctx
     ]
     for r in runs:
         model, cfg, _ = load_trained(r["path"])
-        kw = {"size": tuple(cfg.synthetic_size)} if cfg.data == "synthetic" else {}
-        ds = build_dataset(cfg.data, cfg.eval_split, cfg.data_root, eval_transform(), **kw)
+        ds = eval_dataset(cfg, cfg.eval_split)
         n = min(examples, len(ds))
         parts += [f"<h2>Predictions: {html.escape(r['name'])} ({cfg.eval_split})</h2>",
                   _png(show_predictions(model, ds, list(range(n))))]
