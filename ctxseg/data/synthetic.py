@@ -313,13 +313,13 @@ class _Scene:
 
     def _person(self, ax, ay, p):
         u = self.u
-        height = u(12.0, 20.0) * p
+        height = u(18.0, 30.0) * p
         stride = u(0.05, 0.2) * height
         lean = u(-0.15, 0.15)
         hip = (ax + 0.45 * height * math.sin(lean), ay - 0.45 * height)
         neck = (hip[0] + 0.32 * height * math.sin(lean), hip[1] - 0.32 * height)
         head_r = max(0.1 * height, 1.0)
-        limb = max(0.06 * height, 0.7)
+        limb = max(0.07 * height, 1.0)
         hands = [(neck[0] + sgn * u(0.1, 0.25) * height, neck[1] + u(0.2, 0.35) * height)
                  for sgn in (-1.0, 1.0)]
         trousers = self._instance(PERSON, _hsv(u(), u(0.1, 0.7), u(0.15, 0.7)), 0.0,
@@ -341,16 +341,16 @@ class _Scene:
 
     def _bird(self, ax, ay, _p):
         u = self.u
-        span = u(3.0, 7.0) * self.s0
+        span = u(5.0, 10.0) * self.s0
         lift = u(-0.3, 0.8) * span
         tilt = u(-0.3, 0.3)
         c, s = math.cos(tilt), math.sin(tilt)
-        width = max(0.12 * span, 0.6)
+        width = max(0.15 * span, 0.8)
         dark = u() < 0.75
         look = self._instance(BIRD, _hsv(u(), u(0.0, 0.3), u(0.08, 0.35) if dark else u(0.8, 1.0)),
                               0.0, self._grating(u(4.0, 8.0), u(0.0, math.pi), u(1.0, 4.0)),
                               None, u(2.0, 5.0))
-        body = ("blob", ax, ay, max(0.25 * span, 0.8), 1.6, 0.8, tilt, ())
+        body = ("blob", ax, ay, max(0.3 * span, 1.0), 1.6, 0.8, tilt, ())
         wings = [("capsule", ax, ay, ax + c * sx * span + s * lift, ay + s * sx * span - c * lift,
                   width) for sx in (-1.0, 1.0)]
         return [(body, look)] + [(wing, look) for wing in wings]

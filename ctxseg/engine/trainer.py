@@ -127,7 +127,7 @@ class Trainer:
             return None
         if resume != "auto":
             return Path(resume)
-        if not existing and self.dist.is_main:
+        if not existing and self.dist.is_main and self.run_dir.exists():
             # Killed before its first checkpoint: there is nothing to lose, start it afresh.
             print(f"--resume: no checkpoint in {self.ckpt_dir} yet, starting the run", flush=True)
         return existing[-1] if existing else None
