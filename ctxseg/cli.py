@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from ctxseg.config import DATASET_DEFAULTS, apply_overrides, load_yaml, parse_set, to_plain
+from ctxseg.config import DATASET_DEFAULTS, apply_overrides, load_yaml, make_config, parse_set, to_plain
 
 # CLI flag -> config field (only flags the user actually gave override the config).
 _FLAG_FIELDS = {
@@ -94,8 +94,7 @@ def resolve_train_config(args: argparse.Namespace):
     flags = {f: getattr(args, a) for a, f in _FLAG_FIELDS.items() if getattr(args, a) is not None}
     sets = parse_set(args.set)
     data = sets.get("data", flags.get("data", yaml_cfg.get("data", "synthetic")))
-    cfg = cls(method=args.method)
-    cfg = apply_overrides(cfg, DATASET_DEFAULTS.get(data, {}), f"dataset defaults for {data}")
+    cfg = make_config(cls, data, method=args.method)
     cfg = apply_overrides(cfg, yaml_cfg, args.config or "")
     if "epochs" in flags or "iters" in flags:  # one length flag replaces the other from YAML
         cfg = apply_overrides(cfg, {"epochs": None, "iters": None}, "command line")
@@ -208,7 +207,8 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     run = out / "ce"
-    cfg = CEConfig(iters=args.iters, seed=args.seed, out=str(run), eval_every=max(1, args.iters // 4))
+    cfg = make_config(CEConfig, "synthetic", iters=args.iters, seed=args.seed, out=str(run),
+                      eval_every=max(1, args.iters // 4))
     if not (run / "eval.json").is_file():
         Trainer(cfg, resume="auto", progress=not args.no_progress).fit()
     report = write_report([run], out / "report.html", title="ctxseg demo: CE baseline on synthetic scenes")

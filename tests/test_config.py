@@ -68,3 +68,14 @@ def test_cli_reports_config_errors_without_traceback(capsys):
 
     assert main(["train", "--set", "nope=1"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+
+
+def test_make_config_resolves_like_the_cli():
+    from ctxseg.config import make_config
+
+    py = make_config(CEConfig, "synthetic", iters=5, seed=2)
+    cli = resolve(["--iters", "5", "--seed", "2"])
+    assert py == cli
+    assert py.optimizer == "adamw" and py.crop == (128, 128)  # the synthetic recipe
+    camvid = make_config(CEConfig, "camvid", iters=5)
+    assert camvid.optimizer == "sgd" and camvid.crop == (360, 480)
