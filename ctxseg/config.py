@@ -95,7 +95,7 @@ class TrainConfig:
         """The training crop: ``crop``, or the dataset's default when it is None."""
         return tuple(self.crop) if self.crop is not None else DATASET_DEFAULTS[self.data]["crop"]
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise a ValueError naming the setting when a value cannot work."""
         if self.iters is None and self.epochs is None:
             raise ValueError("set the training length: --iters N or --epochs N")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY_TRAIN, run_ctxseg
 
 pytestmark = pytest.mark.slow

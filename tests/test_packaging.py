@@ -6,7 +6,6 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 import yaml
-
 from conftest import ROOT
 
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, TINY_TRAIN, run_ctxseg
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_TRAIN, run_ctxseg
 from ctxseg.engine.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.slow

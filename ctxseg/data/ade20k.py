@@ -14,9 +14,7 @@ from ctxseg.data.base import (
     IGNORE_INDEX,
     DatasetError,
     DatasetInfo,
-    SegmentationDataset,
-    read_image,
-    read_mask,
+    FilePairDataset,
     require_dir,
 )
 
@@ -79,7 +77,7 @@ ADE20K_LAYOUT = f"""\
 This is {_FOLDER}.zip of the MIT Scene Parsing benchmark (http://sceneparsing.csail.mit.edu)."""
 
 
-class ADE20K(SegmentationDataset):
+class ADE20K(FilePairDataset):
     """ADE20K SceneParsing (150 classes); label 0 becomes 255 and class k becomes k-1.
 
     Args:
@@ -95,7 +93,6 @@ class ADE20K(SegmentationDataset):
     info = ADE20K_INFO
 
     def __init__(self, root: str | Path, split: str = "train", transform=None):
-        super().__init__(transform)
         if split not in _SPLIT_DIRS:
             raise DatasetError(
                 f"unknown ADE20K split {split!r}; choose one of {tuple(_SPLIT_DIRS)}"
@@ -107,30 +104,17 @@ class ADE20K(SegmentationDataset):
         self.split = split
         image_dir = require_dir(root / "images" / _SPLIT_DIRS[split], ADE20K_LAYOUT)
         label_dir = require_dir(root / "annotations" / _SPLIT_DIRS[split], ADE20K_LAYOUT)
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg")
-        if not self.images:
-            raise DatasetError(f"ADE20K split {split!r} is empty: no .jpg images in {image_dir}")
-        self.labels = [label_dir / (p.stem + ".png") for p in self.images]
-        for image, label in zip(self.images, self.labels):
-            if not label.is_file():
-                raise DatasetError(f"label file missing for image {image}: expected {label}")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg")
+        super().__init__(images, [label_dir / (p.stem + ".png") for p in images], f"{image_dir} (*.jpg)", transform)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(self.images[i])
-        raw = read_mask(self.labels[i])
+    def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
         # Checked on the raw values so that the error quotes what is actually in the file.
         bad = (raw < 0) | (raw > self.num_classes)
         if bad.any():
             raise DatasetError(
-                f"{self.labels[i]}: label values {np.unique(raw[bad])[:10].tolist()} are outside "
+                f"{path}: label values {np.unique(raw[bad])[:10].tolist()} are outside "
                 f"[0, {self.num_classes}] (0 = other/ignore, 1..{self.num_classes} = classes)"
             )
         mask = raw - 1
         mask[raw == 0] = IGNORE_INDEX
-        return image, mask
-
-    def describe(self, i: int) -> str:
-        return str(self.images[i])
+        return mask

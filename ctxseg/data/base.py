@@ -166,3 +166,39 @@ class SegmentationDataset(Dataset):
             "tags": tags_from_mask(mask, self.num_classes),
             "index": i,
         }
+
+
+class FilePairDataset(SegmentationDataset):
+    """A dataset of (image file, label file) pairs: CamVid, Cityscapes, ADE20K.
+
+    Subclasses find the pairs in their layout, pass them to ``__init__`` and turn raw label
+    values into training labels in ``map_labels``.
+
+    Args:
+        images: image files, in dataset order.
+        labels: the label file of each image.
+        where: what was scanned (named when it held no image).
+        transform: joint ``(image, mask)`` transform.
+    """
+
+    def __init__(self, images, labels, where: str, transform=None):
+        super().__init__(transform)
+        self.images, self.labels = list(images), list(labels)
+        if not self.images:
+            raise DatasetError(f"{type(self).__name__}: no images found in {where}")
+        for image, label in zip(self.images, self.labels):
+            if not label.is_file():
+                raise DatasetError(f"label file missing for image {image}: expected {label}")
+
+    def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Raw label values read from ``path`` -> class indices with 255 = ignore."""
+        return raw
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return read_image(self.images[i]), self.map_labels(read_mask(self.labels[i]), self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return str(self.images[i])

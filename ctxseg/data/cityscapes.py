@@ -14,9 +14,7 @@ from ctxseg.data.base import (
     IGNORE_INDEX,
     DatasetError,
     DatasetInfo,
-    SegmentationDataset,
-    read_image,
-    read_mask,
+    FilePairDataset,
     require_dir,
 )
 
@@ -91,7 +89,7 @@ _IMAGE_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
-class Cityscapes(SegmentationDataset):
+class Cityscapes(FilePairDataset):
     """Cityscapes fine annotations, 19 classes (train ids); all other label ids become 255.
 
     Args:
@@ -107,7 +105,6 @@ class Cityscapes(SegmentationDataset):
     info = CITYSCAPES_INFO
 
     def __init__(self, root: str | Path, split: str = "train", transform=None):
-        super().__init__(transform)
         if split not in CITYSCAPES_SPLITS:
             raise DatasetError(
                 f"unknown Cityscapes split {split!r}; choose one of {CITYSCAPES_SPLITS}"
@@ -116,32 +113,15 @@ class Cityscapes(SegmentationDataset):
         self.split = split
         image_dir = require_dir(self.root / "leftImg8bit" / split, CITYSCAPES_LAYOUT)
         label_dir = require_dir(self.root / "gtFine" / split, CITYSCAPES_LAYOUT)
-        self.images = sorted(image_dir.glob(f"*/*{_IMAGE_SUFFIX}"))
-        if not self.images:
-            raise DatasetError(
-                f"Cityscapes split {split!r} is empty: no */*{_IMAGE_SUFFIX} in {image_dir}"
-            )
-        self.labels = [
-            label_dir / p.parent.name / (p.name[: -len(_IMAGE_SUFFIX)] + _LABEL_SUFFIX)
-            for p in self.images
-        ]
-        for image, label in zip(self.images, self.labels):
-            if not label.is_file():
-                raise DatasetError(f"label file missing for image {image}: expected {label}")
+        images = sorted(image_dir.glob(f"*/*{_IMAGE_SUFFIX}"))
+        labels = [label_dir / p.parent.name / (p.name[: -len(_IMAGE_SUFFIX)] + _LABEL_SUFFIX) for p in images]
+        super().__init__(images, labels, f"{image_dir} (*/*{_IMAGE_SUFFIX})", transform)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(self.images[i])
-        label_ids = read_mask(self.labels[i])
+    def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
         # 16-bit maps could hold ids the 256-entry table cannot index (negative ones would wrap).
-        if label_ids.size and (label_ids.min() < 0 or label_ids.max() > 255):
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
             raise DatasetError(
-                f"{self.labels[i]}: label ids range over [{label_ids.min()}, {label_ids.max()}], "
+                f"{path}: label ids range over [{raw.min()}, {raw.max()}], "
                 "expected Cityscapes labelIds in [0, 255]"
             )
-        return image, LABEL_ID_TO_TRAIN_ID[label_ids]
-
-    def describe(self, i: int) -> str:
-        return str(self.images[i])
+        return LABEL_ID_TO_TRAIN_ID[raw]

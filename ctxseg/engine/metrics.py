@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(den, math.nan))
 
 
-def _valid_mask(target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
+def _valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     if ignore_index is None:
         return torch.ones_like(target, dtype=torch.bool)
     return target != ignore_index
@@ -69,7 +69,7 @@ def confusion_matrix(
     pred: torch.Tensor,
     target: torch.Tensor,
     num_classes: int,
-    ignore_index: Optional[int] = 255,
+    ignore_index: int | None = 255,
 ) -> torch.Tensor:
     """Confusion matrix of a label-map prediction against its ground truth.
 
@@ -216,9 +216,9 @@ def boundary_counts(
     target: torch.Tensor,
     num_classes: int,
     d: int,
-    ignore_index: Optional[int] = 255,
+    ignore_index: int | None = 255,
     _check: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class Boundary IoU intersection and union pixel counts.
 
     For every class ``c`` this counts ``|G_d ∩ P_d|`` and ``|G_d ∪ P_d|`` where ``G_d``
@@ -287,9 +287,9 @@ def _boundary_counts_per_class(
     target: torch.Tensor,
     num_classes: int,
     d: int,
-    ignore_index: Optional[int] = 255,
+    ignore_index: int | None = 255,
     max_chunk_elements: int = _MAX_CHUNK_ELEMENTS,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for :func:`boundary_counts`: explicit per-class masks, in class chunks.
 
     Builds the one-hot masks of ``chunk`` classes at a time (bounded by
@@ -312,7 +312,7 @@ def _boundary_counts_per_class(
     return inter, union
 
 
-def _to_optional_floats(values: torch.Tensor) -> List[Optional[float]]:
+def _to_optional_floats(values: torch.Tensor) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values.tolist()]
 
 
@@ -347,10 +347,10 @@ class SegMetrics:
     def __init__(
         self,
         num_classes: int,
-        ignore_index: Optional[int] = 255,
+        ignore_index: int | None = 255,
         boundary_px: int = 3,
-        class_names: Optional[Sequence[str]] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        class_names: Sequence[str] | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -364,10 +364,10 @@ class SegMetrics:
         names = class_names if class_names is not None else range(num_classes)
         self.class_names = [str(n) for n in names]
         self.device = torch.device(device) if device is not None else None
-        self.confmat: Optional[torch.Tensor] = None
-        self.boundary_inter: Optional[torch.Tensor] = None
-        self.boundary_union: Optional[torch.Tensor] = None
-        self._reduced: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.confmat: torch.Tensor | None = None
+        self.boundary_inter: torch.Tensor | None = None
+        self.boundary_union: torch.Tensor | None = None
+        self._reduced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if self.device is not None:
             self._allocate(self.device)
 
@@ -410,7 +410,7 @@ class SegMetrics:
         self.boundary_union += union
         self._reduced = None
 
-    def _local(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.confmat is None:
             self._allocate(self.device if self.device is not None else self._default_device())
         return self.confmat, self.boundary_inter, self.boundary_union
@@ -444,7 +444,7 @@ class SegMetrics:
         self._reduced = (flat[: c * c].reshape(c, c), flat[c * c : c * c + c], flat[c * c + c :])
 
     @torch.no_grad()
-    def compute(self) -> Dict[str, object]:
+    def compute(self) -> dict[str, object]:
         """Final metrics as a plain, JSON-serialisable dict.
 
         Returns:

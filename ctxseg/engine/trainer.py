@@ -31,7 +31,6 @@ from ctxseg.config import TrainConfig, to_plain
 from ctxseg.data import build_dataset, train_transform
 from ctxseg.engine import distributed as D
 from ctxseg.engine.checkpoint import (
-    CheckpointError,
     list_checkpoints,
     load_checkpoint,
     rng_state,

@@ -80,7 +80,7 @@ class Segmenter(nn.Module):
         encoder: str = "resnet18",
         pretrained: bool = False,
         decoder_channels: int = 128,
-        heads: Mapping[str, nn.Module] | Callable[["Segmenter"], Mapping[str, nn.Module]] | None = None,
+        heads: Mapping[str, nn.Module] | Callable[[Segmenter], Mapping[str, nn.Module]] | None = None,
         in_chans: int = 3,
     ):
         super().__init__()
@@ -132,7 +132,7 @@ class Segmenter(nn.Module):
         logits = self.forward(x, with_heads=False)["logits"]
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def drop_heads(self) -> "Segmenter":
+    def drop_heads(self) -> Segmenter:
         """Remove training-only heads in place (the deployed model = the CE baseline's cost)."""
         self.heads = nn.ModuleDict()
         return self
