@@ -119,6 +119,7 @@ class TrainConfig:
 # learns the small classes (birds, persons) within a few hundred steps and SGD does not.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {
+        "iters": 600,
         "crop": (128, 128),
         "optimizer": "adamw",
         "lr": 1e-3,

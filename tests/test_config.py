@@ -58,6 +58,8 @@ def test_plain_round_trip_is_lossless():
 def test_validate_explains_missing_length():
     with pytest.raises(ValueError, match="--iters N or --epochs N"):
         TrainConfig().validate()
+    assert resolve([]).iters == 600  # the synthetic default trains without any flag
+    assert resolve(["--epochs", "3"]).iters is None
     with pytest.raises(ValueError, match="optimizer"):
         apply_overrides(TrainConfig(iters=1), {"optimizer": "lamb"}, "test").validate()
 

@@ -29,6 +29,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     common = ["train", "--method", "ce", *TINY_TRAIN, "--iters", "24", "--ckpt-every", "4", "--no-progress"]
     ref = run_ctxseg([*common, "--out", str(tmp_path / "ref"), "--set", "num_workers=0"])
     assert ref.returncode == 0, ref.stderr
+    losses = [json.loads(r)["loss"] for r in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+    assert sum(losses[-3:]) < sum(losses[:3]), f"the model did not learn: {losses}"
 
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
