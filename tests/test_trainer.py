@@ -46,6 +46,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     killed_at = load_checkpoint(list_checkpoints(out / "ckpt")[-1])["step"]
     assert 0 < killed_at < 24
 
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 23, "lo')  # a row the kill cut short
     res = run_ctxseg([*common, "--out", str(out), "--set", "num_workers=0", "--resume"])
     assert res.returncode == 0, res.stderr
     assert_same_weights(tmp_path / "ref" / "model.safetensors", out / "model.safetensors")

@@ -184,9 +184,10 @@ class Trainer:
         if self.resume_from is None:
             log.write_text("")
         elif log.exists():
-            # Rows written after the checkpoint we resume from would be duplicated: drop them.
-            rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
-            log.write_text("".join(r + "\n" for r in rows))
+            # Rows written after the checkpoint we resume from would be duplicated, and a kill may
+            # have cut the last row short: keep the complete rows up to the checkpoint's step.
+            rows = [r for r in map(_parse_row, log.read_text().splitlines()) if r and r["step"] <= self.step]
+            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run_eval(self) -> dict:
         D.broadcast_buffers(self.model)
@@ -239,10 +240,11 @@ class Trainer:
                     tic, last_logged = now, self.step
                     self._log(row)
                     bar.set_postfix(loss=f"{value:.3f}")
-                if self.step % cfg.ckpt_every == 0 and self.step < self.total_iters:
-                    self.save_checkpoint()
+                # Evaluate before checkpointing, so that a resumed run has every row up to its step.
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_iters:
                     self._log({"step": self.step, "split": cfg.eval_split, **_summary(self.run_eval())})
+                if self.step % cfg.ckpt_every == 0 and self.step < self.total_iters:
+                    self.save_checkpoint()
                 if self.step >= self.total_iters:
                     break
         bar.close()
@@ -255,6 +257,13 @@ class Trainer:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         D.barrier()
         return result
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _summary(metrics: dict) -> dict:
