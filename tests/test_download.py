@@ -215,3 +215,20 @@ def test_extract_archive_rejects_tar_traversal_and_symlinks(tmp_path: Path) -> N
         info.size = 2
         tf.addfile(info, io.BytesIO(b"hi"))
     assert (extract_archive(good, tmp_path / "out") / "a" / "c.txt").read_bytes() == b"hi"
+
+
+def test_download_cli_reports_a_bad_checksum_in_one_line(
+    server: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ctxseg.cli import main
+
+    digest = _segnet_zip(server.www / "segnet.zip")
+    root = tmp_path / "camvid"
+    url = f"{server.url}/segnet.zip"
+    assert main(["download", "camvid", "--root", str(root), "--url", url, "--sha256", "0" * 64]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and url in last and "Traceback" not in err
+    assert not root.exists() and _leftovers(tmp_path) == ["www"]
+    assert main(["download", "camvid", "--root", str(root), "--url", url, "--sha256", digest]) == 0
+    assert len(CamVid(root, "val")) == 1
