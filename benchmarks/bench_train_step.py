@@ -53,7 +53,7 @@ def main() -> None:
         cls = get_method(name)
         torch.manual_seed(0)
         cfg = cls.config_class(method=name, iters=10_000, encoder=args.encoder)
-        method = cls(cfg, ds.info)
+        method = cls(cfg, ds.info, total_iters=10_000)
         model = build_model(cfg, ds.info.num_classes, heads=method.heads)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 

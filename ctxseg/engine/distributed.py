@@ -73,3 +73,21 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (N_r, ...) of every rank along dim 0, in rank order; ``x`` itself when
+    not distributed. Ranks may hold different N_r: rows are padded to the largest for the
+    collective and trimmed afterwards. No gradient flows through (use it for detached keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(1, *sizes), *x.shape[1:]))  # never empty: some backends refuse 0 elements
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])

@@ -92,8 +92,9 @@ class Trainer:
 
         self.train_set, self.val_set = build_datasets(cfg)
         self.info = self.train_set.info
-        method_cls = get_method(cfg.method)
-        self.method = method_cls(cfg, self.info).to(self.device)
+        self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
+        self.total_iters = cfg.iters or cfg.epochs * self.sampler.batches_per_epoch
+        self.method = get_method(cfg.method)(cfg, self.info, self.total_iters).to(self.device)
         self.model = build_model(cfg, self.info.num_classes, heads=self.method.heads).to(self.device)
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -101,8 +102,6 @@ class Trainer:
             else self.model
         )
 
-        self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
-        self.total_iters = cfg.iters or cfg.epochs * self.sampler.batches_per_epoch
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_lr_lambda(self.total_iters, cfg.warmup_iters, cfg.poly_power)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.methods.ce import CEConfig, CrossEntropy
+from ctxseg.methods.pixel_contrast import PixelContrast, PixelContrastConfig
 
 METHODS: dict[str, type[Method]] = {
     "ce": CrossEntropy,
+    "pixel_contrast": PixelContrast,
 }
 
 
@@ -17,4 +19,7 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["CEConfig", "CrossEntropy", "METHODS", "Method", "cross_entropy", "get_method"]
+__all__ = [
+    "CEConfig", "CrossEntropy", "METHODS", "Method", "PixelContrast", "PixelContrastConfig", "cross_entropy",
+    "get_method",
+]

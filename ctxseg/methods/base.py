@@ -25,14 +25,16 @@ class Method(nn.Module):
     Args:
         cfg: the resolved config (an instance of ``config_class``).
         info: class metadata of the training dataset.
+        total_iters: length of the run in steps, for schedules given as a fraction of the run.
     """
 
     config_class: type[TrainConfig] = TrainConfig
 
-    def __init__(self, cfg: TrainConfig, info: DatasetInfo):
+    def __init__(self, cfg: TrainConfig, info: DatasetInfo, total_iters: int = 0):
         super().__init__()
         self.cfg = cfg
         self.info = info
+        self.total_iters = total_iters
 
     def heads(self, model) -> dict[str, nn.Module]:
         """Training-only heads to add to ``model`` (a Segmenter); none by default."""

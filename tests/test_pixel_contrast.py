@@ -1,0 +1,285 @@
+"""Pixel contrast: the vectorised sampler, loss and memory bank against loop oracles
+(tests/pixel_contrast_oracle.py), the edge cases that give NaN in the public reference code, and
+the method inside the trainer (warm-up, single-process contrast, resume with the memory bank)."""
+
+from collections import Counter
+
+import pixel_contrast_oracle as oracle
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctxseg.config import make_config
+from ctxseg.data import SyntheticScenes, eval_transform
+from ctxseg.engine.checkpoint import list_checkpoints
+from ctxseg.engine.trainer import Trainer
+from ctxseg.methods.pixel_contrast import (
+    MemoryBank,
+    PixelContrast,
+    PixelContrastConfig,
+    contrast_loss,
+    downsample_labels,
+    memory_keys,
+    sample_anchors,
+)
+from ctxseg.models import Segmenter
+
+
+def blob_labels(B, h, w, C, seed, ignore_frac=0.05):
+    """Piecewise-constant random label maps with some ignored pixels."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, C, (B, 1, max(1, h // 8), max(1, w // 8)), generator=g).float()
+    labels = F.interpolate(coarse, size=(h, w), mode="nearest")[:, 0].long()
+    labels[torch.rand(B, h, w, generator=g) < ignore_frac] = 255
+    return labels.flatten(1)
+
+
+def noisy_preds(labels, C, wrong_frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    preds = labels.clone()
+    flip = torch.rand(labels.shape, generator=g) < wrong_frac
+    preds[flip] = torch.randint(0, C, (int(flip.sum()),), generator=g)
+    return preds.clamp(max=C - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler
+@pytest.mark.parametrize(
+    "C,max_samples,max_views,wrong_frac",
+    [(5, 1024, 100, 0.3), (19, 1024, 100, 0.5), (7, 300, 20, 0.05), (7, 300, 20, 0.95), (3, 50, 40, 0.5)],
+)
+def test_sampler_counts_match_the_loop_oracle(C, max_samples, max_views, wrong_frac):
+    labels = blob_labels(4, 48, 64, C, seed=C)
+    preds = noisy_preds(labels, C, wrong_frac, seed=1)
+    want, n_view = oracle.sample_counts(labels, preds, C, max_samples, max_views)
+    torch.manual_seed(0)
+    a = sample_anchors(labels, preds, C, max_samples, max_views)
+    assert a.n_view == n_view
+    image = a.index // labels.shape[1]
+    got = Counter(zip(image.tolist(), a.label.tolist(), a.hard.tolist()))
+    for (b, c), (keep_hard, keep_easy) in want.items():
+        assert (got[(b, c, True)], got[(b, c, False)]) == (keep_hard, keep_easy), (b, c)
+    assert sum(got.values()) == sum(h + e for h, e in want.values())
+    # The anchors are what they claim: distinct pixels of their class, hard iff mispredicted.
+    assert len(set(a.index.tolist())) == len(a)
+    flat_labels, flat_preds = labels.flatten(), preds.flatten()
+    assert torch.equal(flat_labels[a.index], a.label)
+    assert torch.equal(flat_preds[a.index] != a.label, a.hard)
+
+
+def test_sampler_draws_uniformly_within_a_group():
+    # One image, one class of 200 pixels, all easy: each pixel should be drawn ~ n_view/200 of the time.
+    labels = torch.zeros(1, 200, dtype=torch.long)
+    hits = torch.zeros(200)
+    torch.manual_seed(0)
+    for _ in range(400):
+        hits[sample_anchors(labels, labels, 2, max_samples=50, max_views=50).index] += 1
+    assert hits.sum() == 400 * 50
+    expected = 400 * 50 / 200  # 100 per pixel; binomial sd ~ 8.7
+    assert hits.min() > expected - 45 and hits.max() < expected + 45
+
+
+def test_class_zero_and_ignore():
+    labels = torch.zeros(2, 300, dtype=torch.long)
+    labels[1, :150] = 255
+    a = sample_anchors(labels, labels, 3, max_samples=1024, max_views=100)
+    assert len(a) == 2 * 100 and set(a.label.tolist()) == {0}
+    assert (a.index // 300 == 1).sum() == 100 and (a.index[a.index // 300 == 1] % 300 >= 150).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+def _anchor_set(M, D, C, seed, single=True):
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=1).float()
+    y = torch.randint(0, C, (M,), generator=g)
+    if single:
+        y[0] = C  # a class with a single anchor: no positive for it
+    return feats, y
+
+
+@pytest.mark.parametrize("T,T_base", [(0.1, 0.07), (0.5, 0.5), (0.05, 0.07)])
+def test_loss_and_gradients_match_the_loop_oracle(T, T_base):
+    feats, y = _anchor_set(48, 16, 4, seed=0)
+    a = feats.clone().requires_grad_()
+    b = feats.clone().requires_grad_()
+    got = contrast_loss(a, y, temperature=T, base_temperature=T_base)
+    want = oracle.contrast_loss(b, y, temperature=T, base_temperature=T_base)
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_loss_matches_the_loop_oracle():
+    feats, y = _anchor_set(32, 16, 4, seed=1)
+    keys, yk = _anchor_set(60, 16, 5, seed=2, single=False)  # class 4 is in memory only
+    a = feats.clone().requires_grad_()
+    b = feats.clone().requires_grad_()
+    got = contrast_loss(a, y, keys, yk)
+    want = oracle.contrast_loss(b, y, keys, yk)
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_plus_loss_equals_the_oracle_on_the_same_anchors():
+    B, D, h, w, C = 2, 8, 24, 24, 4
+    labels = blob_labels(B, h, w, C, seed=3)
+    preds = noisy_preds(labels, C, 0.4, seed=4)
+    emb = F.normalize(torch.randn(B, D, h * w), dim=1)
+    torch.manual_seed(5)
+    a = sample_anchors(labels, preds, C, max_samples=200, max_views=20)
+    feats = emb[a.index // (h * w), :, a.index % (h * w)]
+    assert torch.equal(feats, emb.permute(0, 2, 1).reshape(-1, D)[a.index])
+    assert contrast_loss(feats, a.label).item() == pytest.approx(oracle.contrast_loss(feats, a.label).item(), abs=1e-5)
+
+
+def _finite_with_grad(loss, leaf):
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
+
+
+def test_degenerate_batches_give_finite_losses():
+    D = 8
+    # No qualifying class (every class has <= max_views pixels): no anchors.
+    labels = torch.arange(40).remainder(4)[None]
+    assert len(sample_anchors(labels, labels, 4, max_views=100)) == 0
+    emb = torch.randn(0, D, requires_grad=True)
+    _finite_with_grad(contrast_loss(emb, torch.zeros(0, dtype=torch.long)), emb)
+    # All-ignore crop.
+    labels = torch.full((2, 500), 255)
+    assert len(sample_anchors(labels, labels, 4)) == 0
+    # A single anchor in the batch, and every anchor of one class (no negatives).
+    for y in (torch.tensor([2]), torch.zeros(10, dtype=torch.long)):
+        f = F.normalize(torch.randn(len(y), D), dim=1).requires_grad_()
+        _finite_with_grad(contrast_loss(f, y), f)
+    # Empty memory.
+    f = F.normalize(torch.randn(6, D), dim=1).requires_grad_()
+    loss = contrast_loss(f, torch.arange(6) % 2, torch.zeros(0, D), torch.zeros(0, dtype=torch.long))
+    _finite_with_grad(loss, f)
+    assert loss.item() == 0.0
+    # Extreme similarities at a tiny temperature.
+    f = F.normalize(torch.randn(20, D), dim=1).requires_grad_()
+    _finite_with_grad(contrast_loss(f, torch.arange(20) % 3, temperature=1e-3), f)
+
+
+def test_loss_is_float32_under_autocast():
+    feats, y = _anchor_set(40, 16, 3, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = contrast_loss(feats.bfloat16(), y)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(contrast_loss(feats.bfloat16().float(), y).item(), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory bank
+def test_fifo_pointer_advances_by_the_number_written_and_wraps():
+    bank = MemoryBank(num_classes=3, size=5, dim=2)
+    torch.manual_seed(0)
+    q, p, n = bank.pixel.clone(), bank.pixel_ptr.clone(), bank.pixel_count.clone()
+    for batch in ([0, 0, 0], [0, 0, 0, 0, 2], [1] * 12 + [0], [], [2, 0, 2]):
+        labels = torch.tensor(batch, dtype=torch.long)
+        keys = torch.randn(len(batch), 2)
+        bank.push("pixel", keys, labels)
+        q, p, n = oracle.fifo_push(q, p, n, keys, labels)
+        assert torch.equal(bank.pixel, q) and torch.equal(bank.pixel_ptr, p) and torch.equal(bank.pixel_count, n)
+    # Class 0 got 3 + 4 + 1 + 1 = 9 entries in a queue of 5: pointer at 9 mod 5.
+    assert bank.pixel_ptr[0] == 4 and bank.pixel_count.tolist() == [5, 5, 3]
+
+
+def test_memory_keys_cover_every_class_including_zero():
+    B, D, h, w, C = 2, 6, 16, 16, 4
+    labels = blob_labels(B, h, w, C, seed=7)
+    labels[0, :10] = 0  # class 0 present in both images
+    labels[1, :10] = 0
+    emb = F.normalize(torch.randn(B, D, h * w), dim=1)
+    pk, pl, rk, rl = memory_keys(emb, labels, C, per_class=10)
+    want_k, want_y = oracle.region_keys(emb, labels, C)
+    torch.testing.assert_close(rk, want_k, atol=1e-6, rtol=1e-5)
+    assert torch.equal(rl, want_y) and 0 in rl.tolist()
+    for b in range(B):
+        for c in range(C):
+            n = int((labels[b] == c).sum())
+            got = [k for k, y in zip(pk, pl) if y == c and any(torch.equal(k, e) for e in emb[b].T)]
+            assert len(got) == min(n, 10), (b, c)
+
+
+def test_memory_reads_only_filled_slots():
+    bank = MemoryBank(num_classes=3, size=4, dim=2)
+    keys, labels = bank.keys()
+    assert keys.shape == (0, 2)
+    bank.push("pixel", torch.ones(2, 2), torch.tensor([0, 0]))
+    bank.push("region", torch.full((1, 2), 2.0), torch.tensor([2]))
+    keys, labels = bank.keys()
+    assert labels.tolist() == [0, 0, 2] and keys[-1].tolist() == [2.0, 2.0]
+
+
+def test_labels_are_downsampled_on_the_embedding_stride():
+    H, W, s = 32, 48, 4
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    mask = (ys * W + xs)[None]  # each pixel labelled with its own position
+    small = downsample_labels(mask, (H // s, W // s))[0]
+    i, j = torch.meshgrid(torch.arange(H // s), torch.arange(W // s), indexing="ij")
+    assert torch.equal(small, (i * s) * W + j * s)
+
+
+# ------------------------------------------------------------------------------------------------
+# The method
+def _method_and_model(**kw):
+    ds = SyntheticScenes("train", length=4, size=(64, 64), transform=eval_transform())
+    cfg = PixelContrastConfig(method="pixel_contrast", iters=100, encoder="test_resnet", max_views=10, **kw)
+    method = PixelContrast(cfg, ds.info, total_iters=100)
+    torch.manual_seed(0)
+    model = Segmenter(ds.info.num_classes, "test_resnet", heads=method.heads)
+    items = [ds[(i, 0)] for i in range(4)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "mask")}
+    return method, model, batch
+
+
+def test_contrast_is_active_on_a_single_process_after_the_warmup():
+    method, model, batch = _method_and_model(contrast_warmup=0.1)
+    assert method.warmup_steps == 10
+    model.train()
+    for step, active in ((9, False), (10, True)):
+        model.zero_grad()
+        loss, terms = method(model(batch["image"]), batch, step)
+        loss.backward()
+        head_grad = model.heads["proj"].net[-1].weight.grad
+        assert head_grad is not None  # the head is in the graph either way (DDP needs that)
+        if active:
+            assert terms["contrast"] > 0 and loss.item() == pytest.approx(terms["ce"] + 0.1 * terms["contrast"])
+            assert head_grad.abs().sum() > 0
+        else:
+            assert terms["contrast"] == 0 and head_grad.abs().sum() == 0
+
+
+def test_memory_fills_during_warmup_and_is_read_after():
+    method, model, batch = _method_and_model(contrast_warmup=0.02, memory=True, memory_size=20)
+    model.train()
+    _, terms = method(model(batch["image"]), batch, 0)
+    assert terms["contrast"] == 0
+    present = torch.stack([(downsample_labels(batch["mask"], (16, 16)) == c).any() for c in range(8)])
+    assert torch.equal(method.memory.region_count > 0, present)
+    loss, terms = method(model(batch["image"]), batch, 2)
+    assert terms["contrast"] > 0 and torch.isfinite(loss)
+
+
+def test_resume_carries_the_memory_bank(tmp_path):
+    common = dict(encoder="test_resnet", crop=(64, 64), batch_size=4, synthetic_size=(64, 64), synthetic_train_len=16,
+                  eval_batch_size=50, num_workers=0, device="cpu", iters=8, ckpt_every=4, memory=True,
+                  memory_size=30, contrast_warmup=0.25, max_views=20)
+    ref = Trainer(make_config(PixelContrastConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "a"), **common),
+                  progress=False)
+    ref.fit()
+    first = list_checkpoints(tmp_path / "a" / "ckpt")[0]
+    assert first.name.endswith("4.pt")
+    cfg = make_config(PixelContrastConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "b"), **common)
+    resumed = Trainer(cfg, resume=str(first), progress=False)
+    resumed.fit()
+    assert ref.method.memory.pixel_count.sum() > 0 and ref.method.memory.pixel_ptr.sum() > 0
+    for name, buf in ref.method.state_dict().items():
+        assert torch.equal(buf, resumed.method.state_dict()[name]), name
+    for name, w in ref.model.state_dict().items():
+        assert torch.equal(w, resumed.model.state_dict()[name]), name
