@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train_step.py [--methods ce ...] [--batch-size 8] [--size 128 128]
 
+A method may carry settings: ``pixel_contrast:memory=true,memory_size=1000``.
+
 Prints ms per step (median of --repeats after --warmup steps) and each method's ratio to ce.
 Numbers are for comparison within one run on one machine; never assert on them in tests.
 """
@@ -14,21 +16,56 @@ import time
 
 import torch
 
+from ctxseg.config import apply_overrides, parse_set
 from ctxseg.data import SyntheticScenes, train_transform
 from ctxseg.engine.evaluate import build_model
 from ctxseg.methods import METHODS, get_method
 
 
-def time_it(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms of each function, the functions taking turns so that drift in machine load
+    hits them all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
+
+def make_fns(spec: str, ds, batch, encoder: str):
+    """(train step, inference) closures for one method spec ``name[:key=value,...]``."""
+    name, _, settings = spec.partition(":")
+    cls = get_method(name)
+    torch.manual_seed(0)
+    cfg = cls.config_class(method=name, iters=10_000, encoder=encoder)
+    cfg = apply_overrides(cfg, parse_set(settings.split(",") if settings else []), spec)
+    method = cls(cfg, ds.info, total_iters=10_000)
+    model = build_model(cfg, ds.info.num_classes, heads=method.heads)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        model.train()
+        loss, _ = method(model(batch["image"]), batch, step=10_000)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # Inference as a user runs it: the exported weights (training-only heads dropped) loaded
+    # into a plain segmenter.
+    deployed = build_model(cfg, ds.info.num_classes)
+    deployed.load_state_dict(model.deploy_state_dict())
+    deployed.eval()
+
+    def infer():
+        with torch.no_grad():
+            deployed.predict(batch["image"])
+
+    return step, infer, sum(p.numel() for p in deployed.parameters())
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,34 +85,19 @@ def main() -> None:
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask", "tags")}
     print(f"device cpu, threads {torch.get_num_threads()}, encoder {args.encoder}, "
           f"batch {args.batch_size}x3x{args.size[0]}x{args.size[1]}")
-    results = {}
-    for name in args.methods:
-        cls = get_method(name)
-        torch.manual_seed(0)
-        cfg = cls.config_class(method=name, iters=10_000, encoder=args.encoder)
-        method = cls(cfg, ds.info, total_iters=10_000)
-        model = build_model(cfg, ds.info.num_classes, heads=method.heads)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def step():
-            model.train()
-            loss, _ = method(model(batch["image"]), batch, step=10_000)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        def infer():
-            model.eval()
-            with torch.no_grad():
-                model.predict(batch["image"])
-
-        results[name] = (time_it(step, args.warmup, args.repeats), time_it(infer, args.warmup, args.repeats))
+    steps, infers, n_params = {}, {}, {}
+    for spec in args.methods:
+        steps[spec], infers[spec], n_params[spec] = make_fns(spec, ds, batch, args.encoder)
+    train_ms = time_interleaved(steps, args.warmup, args.repeats)
+    infer_ms = time_interleaved(infers, args.warmup, args.repeats)
+    results = {k: (train_ms[k], infer_ms[k]) for k in steps}
     base = results.get("ce")
-    print(f"{'method':<16}{'train ms/step':>15}{'vs ce':>8}{'infer ms':>12}{'vs ce':>8}")
-    for name, (train_ms, infer_ms) in results.items():
+    width = max(16, *(len(k) + 2 for k in results))
+    print(f"{'method':<{width}}{'train ms/step':>15}{'vs ce':>8}{'infer ms':>12}{'vs ce':>8}{'deployed params':>17}")
+    for spec, (train_ms, infer_ms) in results.items():
         rt = f"{train_ms / base[0]:.2f}x" if base else "-"
         ri = f"{infer_ms / base[1]:.2f}x" if base else "-"
-        print(f"{name:<16}{train_ms:>15.1f}{rt:>8}{infer_ms:>12.1f}{ri:>8}")
+        print(f"{spec:<{width}}{train_ms:>15.1f}{rt:>8}{infer_ms:>12.1f}{ri:>8}{n_params[spec]:>17,}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, TINY_TRAIN, run_ctxseg
 
 pytestmark = pytest.mark.slow
@@ -30,3 +31,29 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     single_eval = json.loads(single.stdout)
     assert single_eval["miou"] == pytest.approx(ddp_eval["miou"], abs=1e-12)
     assert single_eval["per_class_iou"] == pytest.approx(ddp_eval["per_class_iou"], abs=1e-12)
+
+
+@pytest.mark.timeout(300)
+def test_pixel_contrast_ranks_end_with_identical_weights_and_queues(tmp_path):
+    out = tmp_path / "pc"
+    settings = dict(method="pixel_contrast", encoder="test_resnet", crop=[64, 64], batch_size=4,
+                    synthetic_size=[64, 64], synthetic_train_len=32, eval_batch_size=50, num_workers=0,
+                    device="cpu", iters=6, memory=True, memory_size=40, contrast_warmup=0.34, max_views=20,
+                    out=str(out))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), json.dumps(settings)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 6
+    for part in ("model", "method"):
+        assert r0[part].keys() == r1[part].keys()
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), (part, k)
+    # The queues hold keys from both ranks: 6 steps x 4 images (2 per rank), each (image, class)
+    # present pushing one region key, so more region keys than one rank's 2 images x 6 steps allow.
+    counts = r0["method"]["memory.region_count"]
+    assert counts.max() > 2 * 6
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("contrast", 0) > 0 for r in rows)
