@@ -283,3 +283,12 @@ def test_resume_carries_the_memory_bank(tmp_path):
         assert torch.equal(buf, resumed.method.state_dict()[name]), name
     for name, w in ref.model.state_dict().items():
         assert torch.equal(w, resumed.model.state_dict()[name]), name
+
+
+def test_config_class_names_its_method_and_a_mismatch_is_refused(tmp_path):
+    from ctxseg.methods.ce import CEConfig
+
+    assert make_config(PixelContrastConfig, "synthetic").method == "pixel_contrast"
+    wrong = make_config(CEConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="PixelContrastConfig"):
+        Trainer(wrong, progress=False)

@@ -94,7 +94,13 @@ class Trainer:
         self.info = self.train_set.info
         self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
         self.total_iters = cfg.iters or cfg.epochs * self.sampler.batches_per_epoch
-        self.method = get_method(cfg.method)(cfg, self.info, self.total_iters).to(self.device)
+        method_cls = get_method(cfg.method)
+        if not isinstance(cfg, method_cls.config_class):
+            raise ValueError(
+                f"method {cfg.method!r} needs a {method_cls.config_class.__name__}, got a {type(cfg).__name__}; "
+                f"build it with make_config({method_cls.config_class.__name__}, ...)"
+            )
+        self.method = method_cls(cfg, self.info, self.total_iters).to(self.device)
         self.model = build_model(cfg, self.info.num_classes, heads=self.method.heads).to(self.device)
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -256,6 +262,26 @@ class Trainer:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         D.barrier()
         return result
+
+
+def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True) -> dict:
+    """The notebooks' way to get a run: reuse it if it has finished (its ``eval.json``), resume it
+    if it was interrupted after a checkpoint, else train it. ``fresh`` deletes the run folder
+    first. Warns when a saved run was started with other settings. Returns the final metrics."""
+    import shutil
+
+    run_dir = default_run_dir(cfg)
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if (run_dir / "config.yaml").is_file():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v)
+        if changed:
+            print(f"note: {run_dir} was started with other values for {changed}; delete it to retrain")
+    if (run_dir / "eval.json").is_file():
+        print(f"{run_dir} has finished: reusing it")
+        return json.loads((run_dir / "eval.json").read_text())
+    return Trainer(cfg, resume="auto", progress=progress).fit()
 
 
 def _parse_row(line: str) -> dict | None:

@@ -57,6 +57,7 @@ class PixelContrastConfig(TrainConfig):
         pixel_update_freq: pixel embeddings each (image, class) pushes into the pixel queue per step.
     """
 
+    method: str = "pixel_contrast"
     proj_dim: int = 256
     temperature: float = 0.1
     base_temperature: float = 0.07
@@ -321,28 +322,36 @@ class PixelContrast(Method):
     def heads(self, model):
         return {"proj": ProjectionHead(model.decoder_channels, self.cfg.proj_dim)}
 
+    def grid(self, out, mask):
+        """Embeddings (B, D, P) on the embedding grid, labels (B, P) nearest-downsampled to it and
+        the grid size (h, w)."""
+        emb = out["embed"].float()
+        B, D, h, w = emb.shape
+        return emb.flatten(2), downsample_labels(mask, (h, w)).flatten(1), (h, w)
+
+    def sample(self, out, mask) -> Anchors:
+        """Hard anchor sampling for one step: flat indices into the (B, h * w) embedding grid."""
+        _, labels, (h, w) = self.grid(out, mask)
+        with torch.no_grad():
+            preds = upsample_to(out["logits"].detach().float(), (h, w)).argmax(1).flatten(1)
+        return sample_anchors(labels, preds, self.info.num_classes, self.cfg.max_samples, self.cfg.max_views)
+
     def forward(self, out, batch, step):
         cfg = self.cfg
         mask = batch["mask"]
         ce = cross_entropy(out["logits"], mask)
-        emb = out["embed"].float()
-        B, D, h, w = emb.shape
-        labels = downsample_labels(mask, (h, w)).flatten(1)
-        emb = emb.flatten(2)  # (B, D, P)
-        C = self.info.num_classes
+        emb, labels, (h, w) = self.grid(out, mask)
 
         if step >= self.warmup_steps:
-            with torch.no_grad():
-                preds = upsample_to(out["logits"].detach().float(), (h, w)).argmax(1).flatten(1)
-            anchors = sample_anchors(labels, preds, C, cfg.max_samples, cfg.max_views)
+            anchors = self.sample(out, mask)
             feats = emb[anchors.index // (h * w), :, anchors.index % (h * w)]
             keys = self.memory.keys() if self.memory is not None else (None, None)
             contrast = contrast_loss(feats, anchors.label, *keys, cfg.temperature, cfg.base_temperature)
         else:
-            contrast = emb.sum() * 0.0 + 0.0  # (+0: no "-0.0" in the log) keeps the head in the graph (DDP needs every parameter used)
+            contrast = emb.sum() * 0.0 + 0.0  # (+0: no "-0.0" in the log) keeps the head in the graph (DDP)
 
         if self.memory is not None:
-            pk, pl, rk, rl = memory_keys(emb.detach(), labels, C, cfg.pixel_update_freq)
+            pk, pl, rk, rl = memory_keys(emb.detach(), labels, self.info.num_classes, cfg.pixel_update_freq)
             self.memory.push("pixel", all_gather_rows(pk), all_gather_rows(pl))
             self.memory.push("region", all_gather_rows(rk), all_gather_rows(rl))
 

@@ -49,6 +49,27 @@ def plot_learning_curves(runs: Sequence[dict], smooth: int = 5):
     return fig
 
 
+def plot_loss_terms(run: dict, terms: Sequence[str] | None = None, smooth: int = 5, ax=None):
+    """Each logged loss term of one run (``ce``, ``contrast``, ...) vs step, moving-averaged over
+    ``smooth`` rows; terms default to every numeric column except step, epoch, lr, timing."""
+    fig, ax = _figure(ax, (7, 3.5))
+    rows = run["train"]
+    skip = {"step", "epoch", "lr", "sec_per_iter"}
+    terms = terms or [k for k in rows[0] if k not in skip and isinstance(rows[0][k], (int, float))]
+    steps = np.array([r["step"] for r in rows])
+    for key in terms:
+        vals = np.array([r.get(key, np.nan) for r in rows], dtype=float)
+        s = steps
+        if len(vals) >= smooth > 1:
+            vals = np.convolve(vals, np.ones(smooth) / smooth, mode="valid")
+            s = steps[smooth - 1 :]
+        ax.plot(s, vals, label=key)
+    ax.set(xlabel="step", ylabel="loss term", title=f"{run['name']}: loss terms")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_per_class_iou(results: Mapping[str, dict], key: str = "per_class_iou", ax=None):
     """Grouped bars of per-class IoU, one group per class and one bar per result (run name ->
     eval dict as written to eval.json / printed by ``ctxseg eval``)."""
@@ -343,4 +364,51 @@ def show_palette(info: DatasetInfo, ncols: int = 4):
     ax.set(xlim=(0, ncols), ylim=(nrows, 0), title=f"{info.name}: {info.num_classes} classes, "
            f"ignore = {info.ignore_index}")
     ax.axis("off")
+    return fig
+
+
+def show_anchors(image: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, hard: torch.Tensor,
+                 grid_hw: tuple[int, int], info: DatasetInfo, classes: Sequence[int] | None = None,
+                 label: torch.Tensor | None = None, ax=None):
+    """Sampled anchors of one image over its ground truth: hard ones (predicted wrongly) as
+    crosses, easy ones as dots, each at the centre of its embedding-grid cell.
+
+    Args:
+        image, mask: the sample (3, H, W) normalised and (H, W).
+        index: flat anchor indices into this image's (h * w) grid; hard: their hard flags.
+        grid_hw: the embedding grid (h, w).
+        classes: only draw anchors of these classes (needs ``label``, the anchors' classes).
+    """
+    fig, ax = _figure(ax, (5, 4))
+    H, W = mask.shape[-2:]
+    h, w = grid_hw
+    keep = torch.ones_like(hard)
+    if classes is not None and label is not None:
+        keep = torch.isin(label, torch.as_tensor(list(classes)))
+    index, hard = index[keep].cpu(), hard[keep].cpu()
+    y = (index // w + 0.5) * H / h - 0.5
+    x = (index % w + 0.5) * W / w - 0.5
+    ax.imshow(overlay(image, mask, info, alpha=0.45))
+    ax.scatter(x[~hard], y[~hard], s=10, c="white", edgecolors="black", linewidths=0.5,
+               label=f"easy ({int((~hard).sum())})")
+    ax.scatter(x[hard], y[hard], s=22, c="red", marker="x", linewidths=1.2, label=f"hard ({int(hard.sum())})")
+    ax.set_axis_off()
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.8)
+    return fig
+
+
+def plot_memory_occupancy(method_state: Mapping[str, torch.Tensor], info: DatasetInfo, ax=None):
+    """Filled share of each class's pixel and region queue, from a pixel-contrast method's state
+    dict (``checkpoint["method"]``); the bar labels give the entry counts."""
+    fig, ax = _figure(ax, (max(6, 0.9 * info.num_classes), 3.5))
+    size = method_state["memory.pixel"].shape[1]
+    x = np.arange(info.num_classes)
+    for i, kind in enumerate(("pixel", "region")):
+        count = method_state[f"memory.{kind}_count"].cpu().numpy()
+        bars = ax.bar(x + (i - 0.5) * 0.4, count / size, 0.4, label=f"{kind} queue")
+        ax.bar_label(bars, [str(int(c)) for c in count], fontsize=7)
+    ax.set_xticks(x, info.class_names, rotation=30, ha="right")
+    ax.set(ylabel=f"filled share of {size}", ylim=(0, 1.1), title="memory bank occupancy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
