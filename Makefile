@@ -29,6 +29,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_synthetic.py
 	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_pixel_contrast.py
 	$(PY) benchmarks/bench_metrics.py
 
 clean:

@@ -1,0 +1,33 @@
+"""The benchmark scripts still run (tiny sizes; the numbers are not looked at, only the report)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_train_step_benchmark_reports_every_method_against_ce():
+    out = run_bench("bench_train_step.py", "--encoder", "test_resnet", "--size", "64", "64", "--batch-size", "2",
+                    "--warmup", "0", "--repeats", "1", "--methods", "ce", "pixel_contrast",
+                    "pixel_contrast:memory=true,memory_size=20")
+    rows = [line for line in out.splitlines() if line.startswith(("ce ", "pixel_contrast"))]
+    assert len(rows) == 3 and all(line.count("x") >= 2 for line in rows), out
+
+
+def test_pixel_contrast_benchmark_compares_three_variants():
+    out = run_bench("bench_pixel_contrast.py", "--batch-size", "2", "--dim", "8", "--size", "32", "32",
+                    "--classes", "4", "--repeats", "1", "--threads", "1")
+    for name in ("vectorised", "loop-sampling", "loop"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), out
