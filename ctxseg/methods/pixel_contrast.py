@@ -50,7 +50,8 @@ class PixelContrastConfig(TrainConfig):
             switches on (the reference: 5000 of 40000 iterations = 0.125).
         max_samples: anchor budget per batch.
         max_views: most anchors per (image, class); a class needs more pixels than this (on the
-            embedding grid) to give anchors.
+            embedding grid) to give anchors. Each qualifying (image, class) gives at least one
+            anchor, so a batch with more qualifying pairs than ``max_samples`` exceeds the budget.
         memory: contrast against class-wise pixel and region queues instead of the batch.
         memory_size: entries per class in each queue (the reference: 5000; the queues are
             2 x classes x memory_size x proj_dim floats, carried in checkpoints).
@@ -108,18 +109,21 @@ def downsample_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-def random_rank(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniformly random order of the elements within each group, loop-free.
+def rank_in_groups(groups: torch.Tensor, num_groups: int, shuffle: bool = False):
+    """Order elements by group id and number them within their group, loop-free.
 
-    Returns ``(order, rank)``: ``order`` lists element indices grouped by group id (random
-    within a group) and ``rank[t]`` is the position of element ``order[t]`` inside its group."""
-    perm = torch.randperm(groups.numel(), device=groups.device)
-    order = perm[torch.argsort(groups[perm], stable=True)]
+    Returns ``(order, rank)``: ``order`` lists element indices grouped by group id (in input
+    order within a group, or uniformly random with ``shuffle``) and ``rank[t]`` is the position
+    of element ``order[t]`` inside its group."""
+    if shuffle:
+        perm = torch.randperm(groups.numel(), device=groups.device)
+        order = perm[torch.argsort(groups[perm], stable=True)]
+    else:
+        order = torch.argsort(groups, stable=True)
     sorted_groups = groups[order]
     sizes = torch.bincount(sorted_groups, minlength=num_groups)
     starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
-    return order, rank
+    return order, torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
 
 
 @dataclass
@@ -184,7 +188,7 @@ def sample_anchors(
     pix = candidate.nonzero().squeeze(1)
     easy = (preds == labels).flatten()[pix].long()
     groups = ((image.flatten()[pix] * C + lab.flatten()[pix]) * 2) + easy
-    order, rank = random_rank(groups, B * C * 2)
+    order, rank = rank_in_groups(groups, B * C * 2, shuffle=True)
     keep = torch.stack([keep_hard, keep_easy], dim=-1).flatten()  # group id (b*C + c)*2 + easy
     chosen = order[rank < keep[groups[order]]]
     index = pix[chosen]
@@ -251,7 +255,7 @@ class MemoryBank(nn.Module):
         C, S, _ = queue.shape
         if labels.numel() == 0:
             return
-        order, rank = _stable_rank(labels, C)
+        order, rank = rank_in_groups(labels, C)
         labels, keys = labels[order], keys[order]
         n = torch.bincount(labels, minlength=C)
         newest = rank >= (n[labels] - S)  # more than `size` entries for a class: the last `size` win
@@ -271,15 +275,6 @@ class MemoryBank(nn.Module):
             out_k.append(getattr(self, kind)[filled])
             out_y.append(cls[filled])
         return torch.cat(out_k), torch.cat(out_y)
-
-
-def _stable_rank(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like ``random_rank`` but keeping the input order within each group."""
-    order = torch.argsort(groups, stable=True)
-    sorted_groups = groups[order]
-    sizes = torch.bincount(sorted_groups, minlength=num_groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-    return order, torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
 
 
 def memory_keys(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int):
@@ -302,7 +297,7 @@ def memory_keys(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, per_c
     image = torch.arange(B, device=emb.device)[:, None].expand(B, P)
     pix = valid.flatten().nonzero().squeeze(1)
     groups = image.flatten()[pix] * C + lab.flatten()[pix]
-    order, rank = random_rank(groups, B * C)
+    order, rank = rank_in_groups(groups, B * C, shuffle=True)
     chosen = pix[order[rank < per_class]]
     b, p = chosen // P, chosen % P
     return emb[b, :, p], lab.flatten()[chosen], region, region_labels
