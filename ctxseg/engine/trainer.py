@@ -275,7 +275,7 @@ def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True)
         shutil.rmtree(run_dir, ignore_errors=True)
     if (run_dir / "config.yaml").is_file():
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v)
+        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v and k != "out")
         if changed:
             print(f"note: {run_dir} was started with other values for {changed}; delete it to retrain")
     if (run_dir / "eval.json").is_file():
