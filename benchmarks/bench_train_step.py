@@ -45,6 +45,12 @@ def make_fns(spec: str, ds, batch, encoder: str):
     cfg = cls.config_class(method=name, iters=10_000, encoder=encoder)
     cfg = apply_overrides(cfg, parse_set(settings.split(",") if settings else []), spec)
     method = cls(cfg, ds.info, total_iters=10_000)
+    memory = getattr(method, "memory", None)
+    if memory is not None:  # time the steady state: every class's queues full
+        C, size, dim = memory.pixel.shape
+        labels = torch.arange(C).repeat_interleave(size)
+        for kind in ("pixel", "region"):
+            memory.push(kind, torch.nn.functional.normalize(torch.randn(C * size, dim), dim=1), labels)
     model = build_model(cfg, ds.info.num_classes, heads=method.heads)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
