@@ -73,6 +73,7 @@ def make_fns(spec: str, ds, batch, encoder: str):
 
     return step, infer, sum(p.numel() for p in deployed.parameters())
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=sorted(METHODS))

@@ -31,3 +31,8 @@ def test_pixel_contrast_benchmark_compares_three_variants():
                     "--classes", "4", "--repeats", "1", "--threads", "1")
     for name in ("vectorised", "loop-sampling", "loop"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), out
+
+
+def test_anchor_coverage_reports_every_class():
+    out = run_bench("anchor_coverage.py", "--crop", "64", "64", "--samples", "3", "--max-views", "10")
+    assert "grid 16x16" in out and len(out.strip().splitlines()) == 2 + 8, out

@@ -326,9 +326,12 @@ class PixelContrast(Method):
 
     def sample(self, out, mask) -> Anchors:
         """Hard anchor sampling for one step: flat indices into the (B, h * w) embedding grid."""
-        _, labels, (h, w) = self.grid(out, mask)
+        _, labels, grid_hw = self.grid(out, mask)
+        return self._sample(out["logits"], labels, grid_hw)
+
+    def _sample(self, logits, labels, grid_hw) -> Anchors:
         with torch.no_grad():
-            preds = upsample_to(out["logits"].detach().float(), (h, w)).argmax(1).flatten(1)
+            preds = upsample_to(logits.detach().float(), grid_hw).argmax(1).flatten(1)
         return sample_anchors(labels, preds, self.info.num_classes, self.cfg.max_samples, self.cfg.max_views)
 
     def forward(self, out, batch, step):
@@ -338,7 +341,7 @@ class PixelContrast(Method):
         emb, labels, (h, w) = self.grid(out, mask)
 
         if step >= self.warmup_steps:
-            anchors = self.sample(out, mask)
+            anchors = self._sample(out["logits"], labels, (h, w))  # labels already on the grid
             feats = emb[anchors.index // (h * w), :, anchors.index % (h * w)]
             keys = self.memory.keys() if self.memory is not None else (None, None)
             contrast = contrast_loss(feats, anchors.label, *keys, cfg.temperature, cfg.base_temperature)
