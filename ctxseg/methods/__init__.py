@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.methods.ce import CEConfig, CrossEntropy
+from ctxseg.methods.contextrast import Contextrast, ContextrastConfig
 from ctxseg.methods.pixel_contrast import PixelContrast, PixelContrastConfig
 
 METHODS: dict[str, type[Method]] = {
     "ce": CrossEntropy,
     "pixel_contrast": PixelContrast,
+    "contextrast": Contextrast,
 }
 
 
@@ -20,6 +22,6 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = [
-    "CEConfig", "CrossEntropy", "METHODS", "Method", "PixelContrast", "PixelContrastConfig", "cross_entropy",
+    "CEConfig", "Contextrast", "ContextrastConfig", "CrossEntropy", "METHODS", "Method", "PixelContrast", "PixelContrastConfig", "cross_entropy",
     "get_method",
 ]

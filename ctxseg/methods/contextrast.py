@@ -1,0 +1,396 @@
+"""Contextrast (Sung et al., CVPR 2024): contextual contrastive learning (CCL) over multi-scale
+representative anchors, with boundary-aware negative (BANE) sampling. Loop-free over images and
+classes.
+
+CE on the logits plus ``contrast_weight`` (alpha) times a pixel-to-anchor loss summed over the four
+encoder stages i = 1..4 (strides 4, 8, 16, 32). Per step and stage:
+
+1. A training-only projection head (1x1 conv c->c without bias, ReLU, BN, 1x1 conv c->``proj_dim``;
+   the head of Pissas et al. ECCV 2022) embeds the stage's features. Embeddings and anchors are
+   L2-normalised (**CHOICE** ``normalize``); the normalisation of the embeddings is folded into the
+   loss's matrix products as a per-pixel scale (cheaper than a normalised copy on CPU).
+2. Representative anchors: labels are nearest-downsampled to the stage; ``a_i^n`` is the mean of the
+   stage's embeddings of class n over the whole mini-batch (of this process), recomputed every step.
+3. Context fusion (``fusion``): ``â_i^n = w_l a_i^n + w_h a_4^n`` when class n is present at stage i
+   and at the deepest stage, else ``a_i^n`` (**CHOICE** ``fusion_weight`` w_h = 0.5, w_l = 1 - w_h);
+   anchors stay in the graph unless ``detach_anchors`` (**CHOICE**, default False).
+4. BANE (``bane``): the final prediction's argmax, nearest-downsampled to the stage, against the
+   stage's labels gives error regions; an exact Euclidean distance transform (``edge_distance``,
+   in torch on the training device) measures each error pixel's distance to its region's edge, and
+   the ``bane_ratio`` (K_s) fraction nearest the edge is kept (``bane_select``). Which anchors a kept
+   pixel is a negative for is ambiguous in the paper (**CHOICE** ``bane_negatives``):
+
+   - ``"missed"`` (default): error regions are pixels of class n predicted as something else; the
+     kept ones are negatives of every other class's anchor c != n (and stay positives of anchor n);
+   - ``"false_positives"``: error regions are pixels predicted as c whose label is not c; the kept
+     ones are negatives of anchor c.
+
+   **CHOICE**: the percentile is taken per image and region class (``bane_percentile="image"``) or
+   per class over the batch (``"batch"``); ignored pixels are never negatives; an anchor whose BANE
+   pool is empty falls back to all other-class pixels of the stage. Without BANE (``bane=False``,
+   "CCL alone") every other-class pixel is a negative.
+5. ``L_i^n = mean over positives v+ (the stage's pixels of class n) of
+   -log[exp(â.v+/τ) / (exp(â.v+/τ) + Σ_{v-} exp(â.v-/τ))]``, computed as
+   ``softplus(logsumexp_{v-}(â.v-/τ) - â.v+/τ)``; ``L_PA = Σ_i λ_i mean_n L_i^n`` over the classes
+   present at stage i; ``L = L_CE + α L_PA``. Similarities are computed in float32 with autocast off.
+
+Defaults follow methods.md: λ = (0.1, 0.3, 0.7, 1.0), α = 0.1, **CHOICE** τ = 0.1, K_s = 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctxseg.config import TrainConfig
+from ctxseg.methods.base import Method, cross_entropy
+from ctxseg.methods.pixel_contrast import downsample_labels
+from ctxseg.models.segmenter import Head
+
+BANE_NEGATIVES = ("missed", "false_positives")
+BANE_PERCENTILES = ("image", "batch")
+
+
+@dataclass
+class ContextrastConfig(TrainConfig):
+    """Contextrast. Defaults follow the paper; **CHOICE** marks our reading where it is silent.
+
+    Attributes:
+        proj_dim: width of each stage's projection head output.
+        temperature: τ in s = â.v / τ (**CHOICE**: 0.1; not published).
+        contrast_weight: α, the weight of the pixel-to-anchor loss next to CE.
+        stage_weights: λ_1..λ_4, shallow to deep.
+        normalize: L2-normalise embeddings and anchors (**CHOICE**: True).
+        fusion: inject the deepest stage's anchors into every stage (context fusion).
+        fusion_weight: w_h, the deepest stage's share; w_l = 1 - w_h (**CHOICE**: 0.5).
+        detach_anchors: stop gradients through the anchors (**CHOICE**: False).
+        bane: boundary-aware negative sampling; False is "CCL alone" (all other-class pixels are
+            negatives).
+        bane_ratio: K_s, the fraction of each error region's pixels kept, nearest its edge first
+            (ties at the cut are kept).
+        bane_negatives: ``"missed"`` (**CHOICE**, default): kept pixels of class n are negatives of
+            every anchor c != n; ``"false_positives"``: negatives of anchor c are the kept pixels
+            predicted c whose label is not c.
+        bane_percentile: ``"image"`` (**CHOICE**, default): K_s per image and class; ``"batch"``:
+            per class over the whole batch.
+    """
+
+    method: str = "contextrast"
+    proj_dim: int = 256
+    temperature: float = 0.1
+    contrast_weight: float = 0.1
+    stage_weights: tuple[float, float, float, float] = (0.1, 0.3, 0.7, 1.0)
+    normalize: bool = True
+    fusion: bool = True
+    fusion_weight: float = 0.5
+    detach_anchors: bool = False
+    bane: bool = True
+    bane_ratio: float = 0.5
+    bane_negatives: str = "missed"
+    bane_percentile: str = "image"
+
+    def validate(self) -> ContextrastConfig:
+        super().validate()
+        if self.proj_dim <= 0:
+            raise ValueError(f"proj_dim must be positive, got {self.proj_dim}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if len(self.stage_weights) != 4 or min(self.stage_weights) < 0:
+            raise ValueError(f"stage_weights must be 4 non-negative numbers (λ_1..λ_4), got {self.stage_weights}")
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise ValueError(f"fusion_weight (w_h; w_l = 1 - w_h) must be in [0, 1], got {self.fusion_weight}")
+        if not 0.0 < self.bane_ratio <= 1.0:
+            raise ValueError(f"bane_ratio (K_s) must be in (0, 1], got {self.bane_ratio}")
+        if self.bane_negatives not in BANE_NEGATIVES:
+            raise ValueError(f"bane_negatives must be one of {BANE_NEGATIVES}, got {self.bane_negatives!r}")
+        if self.bane_percentile not in BANE_PERCENTILES:
+            raise ValueError(f"bane_percentile must be one of {BANE_PERCENTILES}, got {self.bane_percentile!r}")
+        return self
+
+
+class StageProjections(Head):
+    """One projection head per encoder stage: ``out["stage_embeds"]``, four (B, dim, h_i, w_i)
+    float32 maps. They are not normalised here: the loss folds the L2 normalisation into its
+    matrix products (``inverse_norms``), which never materialises (or backpropagates through) a
+    normalised copy of the stride-4 map; ``F.normalize(e, dim=1)`` gives the embeddings the loss
+    sees."""
+
+    def __init__(self, stage_channels: list[int], dim: int = 256):
+        super().__init__()
+        self.nets = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(c, c, 1, bias=False), nn.ReLU(inplace=True), nn.BatchNorm2d(c), nn.Conv2d(c, dim, 1)
+            )
+            for c in stage_channels
+        )
+
+    def forward(self, out):
+        return {"stage_embeds": [net(x).float() for net, x in zip(self.nets, out["stages"])]}
+
+
+def inverse_norms(emb: torch.Tensor, normalize: bool = True) -> torch.Tensor | None:
+    """Per-pixel 1 / ||e|| (clamped like ``F.normalize``) of (B, D, P) embeddings: (B, P), or None
+    without normalisation. Scaling by it is L2 normalisation."""
+    if not normalize:
+        return None
+    return 1.0 / torch.linalg.vector_norm(emb.float(), dim=1).clamp(min=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Anchors
+def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: torch.Tensor | None = None):
+    """Per-class mean of (B, D, P) embeddings over the batch, for (B, P) labels (ignore = 255),
+    each pixel's embedding first multiplied by ``scale`` (B, P) when given (``inverse_norms``).
+
+    Returns ``(means (C, D), counts (C,))``; classes without pixels get a zero mean. One batched
+    matrix product with the (B, P, C) one-hot labels: no copy of the embeddings."""
+    C = num_classes
+    lab = torch.where((labels >= 0) & (labels < C), labels, C)  # C collects ignored pixels and is dropped
+    onehot = F.one_hot(lab, C + 1)[..., :C].to(emb.dtype)  # (B, P, C)
+    counts = onehot.sum((0, 1))
+    weights = onehot if scale is None else onehot * scale[..., None]
+    sums = torch.bmm(emb, weights).sum(0).T  # (C, D)
+    return sums / counts.clamp(min=1)[:, None], counts.long()
+
+
+def representative_anchors(
+    embeds: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    num_classes: int,
+    fusion: bool = True,
+    fusion_weight: float = 0.5,
+    normalize: bool = True,
+    detach: bool = False,
+    scales: list[torch.Tensor | None] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Anchors of every stage from (B, D, P_i) embeddings and (B, P_i) labels on each stage's grid.
+
+    With ``normalize`` the embeddings are L2-normalised before averaging (``scales``: their
+    precomputed ``inverse_norms``, else computed here) and the anchors after averaging and after
+    fusion. Returns ``(anchors, present)``: per stage a (C, D) tensor of (fused) anchors and a
+    (C,) bool of the classes with pixels at that stage. Fusion mixes in the deepest stage's anchor
+    only for classes present at both stages."""
+    if scales is None:
+        scales = [inverse_norms(e, normalize) for e in embeds]
+    means, present = [], []
+    for emb, lab, scale in zip(embeds, labels, scales):
+        m, n = class_means(emb, lab, num_classes, scale)
+        means.append(F.normalize(m, dim=1) if normalize else m)
+        present.append(n > 0)
+    anchors = []
+    for i, a in enumerate(means):
+        if fusion and i < len(means) - 1:
+            fused = (1.0 - fusion_weight) * a + fusion_weight * means[-1]
+            if normalize:
+                fused = F.normalize(fused, dim=1)
+            a = torch.where((present[i] & present[-1])[:, None], fused, a)
+        anchors.append(a.detach() if detach else a)
+    return anchors, present
+
+
+# ------------------------------------------------------------------------------------------------
+# BANE
+def edge_distance(regions: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """Exact Euclidean distance from every pixel to the nearest pixel of its image with a different
+    region id, for (B, h, w) integer ``regions``.
+
+    For a pixel of region r this is the Euclidean distance transform of the binary map
+    ``regions == r`` (distance to the region's edge: 1 for a pixel next to another region), computed
+    for all regions of all images at once because the regions of one image are disjoint. Only
+    pixels of the image count as outside (as in ``scipy.ndimage.distance_transform_edt``); a region
+    that fills its image gets ``inf``.
+
+    Two exact separable passes, in torch on the input's device (no CPU round trip): along columns,
+    g = distance to the nearest different id in the same column; along rows,
+    ``d²(y, x) = min_x' (x - x')² + [regions(y, x') == regions(y, x)] g(y, x')²`` (a pixel of another
+    region at (y, x') is itself outside, at distance |x - x'|). Brute force over each line:
+    O(h w (h + w)) per image, processed in chunks of images of at most ``max_elements`` per pass.
+    """
+    B, h, w = regions.shape
+    if B == 0:
+        return regions.new_zeros(regions.shape, dtype=torch.float32)
+    per_image = h * w * max(h, w)
+    chunk = max(1, max_elements // per_image)
+    if B > chunk:
+        return torch.cat([edge_distance(r, max_elements) for r in regions.split(chunk)])
+    dev = regions.device
+    inf = torch.tensor(float("inf"), device=dev)
+    ys = torch.arange(h, device=dev, dtype=torch.float32)
+    xs = torch.arange(w, device=dev, dtype=torch.float32)
+    dy = (ys[:, None] - ys[None, :]).abs()  # (y, y')
+    dx2 = (xs[:, None] - xs[None, :]) ** 2  # (x, x')
+    # Pass 1, columns: (B, y, y', w) -> g (B, h, w).
+    other = regions[:, :, None, :] != regions[:, None, :, :]
+    g = torch.where(other, dy[None, :, :, None], inf).amin(2)
+    # Pass 2, rows: (B, h, x, x') -> d² (B, h, w).
+    same = regions[:, :, :, None] == regions[:, :, None, :]
+    d2 = (dx2 + torch.where(same, g[:, :, None, :] ** 2, 0.0)).amin(-1)
+    return d2.sqrt()
+
+
+def bane_select(
+    labels: torch.Tensor,
+    preds: torch.Tensor,
+    num_classes: int,
+    ratio: float = 0.5,
+    negatives: str = "missed",
+    per_image: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Boundary-aware negatives on one stage's grid, from (B, h, w) labels (ignore = 255) and
+    predictions.
+
+    Error pixels are valid pixels with ``pred != label``; their region class is the label
+    (``negatives="missed"``) or the prediction (``"false_positives"``). In each error region (per
+    image and class, or per class over the batch when not ``per_image``) the ``k = ceil(ratio * n)``
+    pixels nearest the edge are kept, plus any tied with the k-th.
+
+    Returns a dict of (B, h, w) maps: ``region`` (region class, -1 outside the error regions),
+    ``distance`` (to the region's edge; 0 outside) and ``kept`` (bool)."""
+    if negatives not in BANE_NEGATIVES:
+        raise ValueError(f"negatives must be one of {BANE_NEGATIVES}, got {negatives!r}")
+    C = num_classes
+    B, h, w = labels.shape
+    valid = (labels >= 0) & (labels < C)
+    error = valid & (preds != labels)
+    region = torch.where(error, labels if negatives == "missed" else preds, -1)
+    dist = torch.where(error, edge_distance(region), 0.0)
+    kept = torch.zeros_like(error)
+    idx = error.flatten().nonzero().squeeze(1)
+    if idx.numel():
+        d = dist.flatten()[idx]
+        cls = region.flatten()[idx]
+        group = (idx // (h * w)) * C + cls if per_image else cls
+        G = B * C if per_image else C
+        # Sort by (group, distance): two stable sorts.
+        by_d = torch.argsort(d, stable=True)
+        order = by_d[torch.argsort(group[by_d], stable=True)]
+        n = torch.bincount(group, minlength=G)
+        starts = torch.cumsum(n, 0) - n
+        # k = ceil(ratio * n); the small tolerance keeps e.g. 0.3 * 10 at 3, not 4.
+        k = torch.ceil(n.double() * ratio - 1e-9).long().clamp(min=1)
+        last = (starts + k - 1).clamp(max=max(idx.numel() - 1, 0))
+        cut = torch.where(n > 0, d[order][last], -1.0)
+        kept.view(-1)[idx] = d <= cut[group]
+    return {"region": region, "distance": dist, "kept": kept}
+
+
+def negative_mask(labels, preds, kept, num_classes, negatives="missed") -> torch.Tensor:
+    """(C, N) bool: which of N flattened pixels are negatives of each class's anchor.
+
+    With ``kept`` (BANE's selection) the negatives follow ``negatives`` (see ``bane_select``);
+    without it (``None``, CCL alone) they are all valid pixels of another class. An anchor whose
+    BANE pool is empty falls back to all other-class pixels."""
+    C = num_classes
+    classes = torch.arange(C, device=labels.device)[:, None]
+    other = ((labels >= 0) & (labels < C))[None, :] & (labels[None, :] != classes)
+    if kept is None:
+        return other
+    if negatives == "missed":
+        neg = kept[None, :] & other
+    else:
+        neg = kept[None, :] & (preds[None, :] == classes) & other
+    empty = ~neg.any(1, keepdim=True)
+    return torch.where(empty, other, neg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+def pixel_to_anchor_loss(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    anchors: torch.Tensor,
+    neg: torch.Tensor,
+    temperature: float = 0.1,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mean_n L^n`` for (B, D, P) pixel embeddings with (B, P) labels (ignore = 255), (C, D)
+    anchors and a (C, B * P) negative mask, in float32.
+
+    ``L^n = mean over pixels v+ of class n of softplus(logsumexp_{v- in neg[n]} s(â_n, v-)
+    - s(â_n, v+))``, ``s = â.v / τ`` with v scaled by ``scale`` (B, P) when given (``inverse_norms``:
+    v L2-normalised). The mean is over the classes with pixels. An anchor without negatives
+    contributes 0; no valid pixel gives 0 (still connected to the graph)."""
+    C = anchors.shape[0]
+    B, D, P = emb.shape
+    with torch.autocast(emb.device.type, enabled=False):
+        s = anchors.float() @ emb.float()  # (B, C, P): no copy of the embeddings
+        if scale is not None:
+            s = s * scale[:, None, :]
+        s = (s / temperature).transpose(0, 1).reshape(C, B * P)
+        # A finite fill (not -inf) keeps the gradient finite for an anchor without negatives.
+        fill = torch.finfo(s.dtype).min / 4
+        lse_neg = torch.logsumexp(torch.where(neg, s, fill), dim=1)  # (C,)
+        labels = labels.flatten()
+        pos = ((labels >= 0) & (labels < C)).nonzero().squeeze(1)
+        if pos.numel() == 0:
+            return s.sum() * 0.0
+        y = labels[pos]
+        per_pixel = F.softplus(lse_neg[y] - s[y, pos])
+        counts = torch.bincount(y, minlength=C)
+        per_class = per_pixel.new_zeros(C).index_add(0, y, per_pixel) / counts.clamp(min=1)
+        return per_class[counts > 0].mean()
+
+
+# ------------------------------------------------------------------------------------------------
+class Contextrast(Method):
+    """CE + contextual contrastive learning over four stages, with BANE (``bane=True``)."""
+
+    config_class = ContextrastConfig
+
+    def heads(self, model):
+        return {"ctx_proj": StageProjections(model.stage_channels, self.cfg.proj_dim)}
+
+    def stage_targets(self, out, mask) -> list[dict[str, torch.Tensor]]:
+        """Per stage: (B, h_i, w_i) ``labels`` (nearest-downsampled GT) and ``preds`` (the final
+        prediction's argmax at the logits' stride, nearest-downsampled)."""
+        with torch.no_grad():
+            pred = out["logits"].detach().argmax(1)
+            targets = []
+            for emb in out["stage_embeds"]:
+                size = tuple(emb.shape[-2:])
+                targets.append({"labels": downsample_labels(mask, size), "preds": downsample_labels(pred, size)})
+        return targets
+
+    def bane(self, targets, ratio: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """BANE maps (``bane_select``) for each stage's targets, at ``ratio`` (default: K_s)."""
+        cfg = self.cfg
+        ratio = cfg.bane_ratio if ratio is None else ratio
+        return [
+            bane_select(t["labels"], t["preds"], self.info.num_classes, ratio, cfg.bane_negatives,
+                        cfg.bane_percentile == "image")
+            for t in targets
+        ]
+
+    def anchors(self, out, targets, scales=None):
+        """(anchors, present) of every stage (see ``representative_anchors``)."""
+        cfg = self.cfg
+        return representative_anchors(
+            [e.flatten(2) for e in out["stage_embeds"]], [t["labels"].flatten(1) for t in targets],
+            self.info.num_classes, cfg.fusion, cfg.fusion_weight, cfg.normalize, cfg.detach_anchors, scales,
+        )
+
+    def forward(self, out, batch, step):
+        cfg = self.cfg
+        C = self.info.num_classes
+        mask = batch["mask"]
+        ce = cross_entropy(out["logits"], mask)
+        targets = self.stage_targets(out, mask)
+        embeds = [e.flatten(2) for e in out["stage_embeds"]]
+        scales = [inverse_norms(e, cfg.normalize) for e in embeds]
+        anchors, _ = self.anchors(out, targets, scales)
+        maps = self.bane(targets) if cfg.bane else [None] * len(targets)
+        terms = {"ce": ce.detach()}
+        contrast = 0.0
+        for i, (emb, scale, t, a, m) in enumerate(zip(embeds, scales, targets, anchors, maps)):
+            labels = t["labels"].flatten(1)
+            with torch.no_grad():
+                kept = None if m is None else m["kept"].flatten()
+                neg = negative_mask(labels.flatten(), t["preds"].flatten(), kept, C, cfg.bane_negatives)
+            li = pixel_to_anchor_loss(emb, labels, a, neg, cfg.temperature, scale)
+            terms[f"contrast_s{i + 1}"] = li.detach()
+            contrast = contrast + cfg.stage_weights[i] * li
+        terms["contrast"] = contrast.detach()
+        return ce + cfg.contrast_weight * contrast, terms
