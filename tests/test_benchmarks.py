@@ -21,9 +21,9 @@ def run_bench(script, *args):
 def test_train_step_benchmark_reports_every_method_against_ce():
     out = run_bench("bench_train_step.py", "--encoder", "test_resnet", "--size", "64", "64", "--batch-size", "2",
                     "--warmup", "0", "--repeats", "1", "--methods", "ce", "pixel_contrast",
-                    "pixel_contrast:memory=true,memory_size=20")
-    rows = [line for line in out.splitlines() if line.startswith(("ce ", "pixel_contrast"))]
-    assert len(rows) == 3 and all(line.count("x") >= 2 for line in rows), out
+                    "pixel_contrast:memory=true,memory_size=20", "contextrast", "contextrast:bane=false")
+    rows = [line for line in out.splitlines() if line.startswith(("ce ", "pixel_contrast", "contextrast"))]
+    assert len(rows) == 5 and all(line.count("x") >= 2 for line in rows), out
 
 
 def test_pixel_contrast_benchmark_compares_three_variants():

@@ -412,3 +412,76 @@ def plot_memory_occupancy(method_state: Mapping[str, torch.Tensor], info: Datase
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def show_bane(image: torch.Tensor, mask: torch.Tensor, region: torch.Tensor, distance: torch.Tensor,
+              kept: torch.Tensor, cls: int, info: DatasetInfo, negatives: str = "missed", axes=None):
+    """BANE on one image and stage, for the error region of class ``cls``: the image with its
+    ground truth, the error region, the distance of each of its pixels to the region's edge, and
+    the pixels kept as negatives. Stage-grid maps are drawn over the full-resolution image.
+
+    Args:
+        image, mask: the sample, (3, H, W) normalised and (H, W).
+        region, distance, kept: this image's (h, w) maps from ``bane_select``.
+        cls: the region class (the label for ``negatives="missed"``, the prediction for
+            ``"false_positives"``).
+        negatives: the reading, for the panel titles.
+        axes: four matplotlib axes (default: a new 1 x 4 figure).
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), layout="constrained")
+    fig = axes[0].figure
+    H, W = mask.shape[-2:]
+    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
+    rgb = denormalize(image).permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+    grey = rgb.mean(-1)
+    name = info.class_names[cls]
+    mine = (region == cls).cpu().numpy()
+    dist = np.where(mine, distance.cpu().numpy(), np.nan)
+    chosen = mine & kept.cpu().numpy()
+    axes[0].imshow(overlay(image, mask, info, alpha=0.5))
+    axes[0].set_title("image + ground truth")
+    axes[1].imshow(grey, cmap="gray")
+    other = (region.cpu().numpy() >= 0) & ~mine
+    axes[1].imshow(np.ma.masked_where(~other, other), cmap="Greys", alpha=0.5, extent=extent, vmin=0, vmax=1)
+    axes[1].imshow(np.ma.masked_where(~mine, mine), cmap="autumn", alpha=0.75, extent=extent, vmin=0, vmax=1)
+    what = "missed" if negatives == "missed" else "falsely predicted"
+    axes[1].set_title(f"error region: {name} {what} ({int(mine.sum())} cells)\n(grey: other classes' errors)")
+    axes[2].imshow(grey, cmap="gray")
+    im = axes[2].imshow(dist, cmap="viridis", extent=extent)
+    fig.colorbar(im, ax=axes[2], shrink=0.8, label="distance to edge (cells)")
+    axes[2].set_title("distance transform inside the region")
+    axes[3].imshow(grey, cmap="gray")
+    axes[3].imshow(np.ma.masked_where(~mine, mine), cmap="Greys", alpha=0.35, extent=extent, vmin=0, vmax=1)
+    axes[3].imshow(np.ma.masked_where(~chosen, chosen), cmap="autumn", alpha=0.9, extent=extent, vmin=0, vmax=1)
+    whom = f"anchors other than {name}" if negatives == "missed" else f"the {name} anchor"
+    axes[3].set_title(f"kept: {int(chosen.sum())} of {int(mine.sum())}, negatives of {whom}")
+    for ax in axes:
+        ax.set_axis_off()
+    return fig
+
+
+def plot_anchor_similarity(anchors: Sequence[torch.Tensor], present: Sequence[torch.Tensor], info: DatasetInfo,
+                           title: str = "", axes=None):
+    """Cosine similarity between the representative anchors of the classes present, one matrix
+    per stage (``Contextrast.anchors``: per stage a (C, D) tensor and a (C,) bool)."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, len(anchors), figsize=(4 * len(anchors), 3.6), layout="constrained")
+    fig = axes[0].figure
+    for i, (a, p, ax) in enumerate(zip(anchors, present, axes)):
+        idx = p.nonzero().squeeze(1).cpu()
+        a = torch.nn.functional.normalize(a.detach().float().cpu()[idx], dim=1)
+        sim = (a @ a.T).numpy()
+        im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+        names = [info.class_names[c] for c in idx.tolist()]
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        off = sim[~np.eye(len(names), dtype=bool)]
+        mean_off = f"{off.mean():.2f}" if off.size else "n/a"
+        ax.set_title(f"{title}stage {i + 1}: mean off-diagonal {mean_off}", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="cosine similarity")
+    return fig
