@@ -66,6 +66,12 @@ def test_notebook_runs(path, monkeypatch):
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     errors = [out for out in outputs if out.output_type == "error"]
     assert not errors, f"{path.name}: cells raised {[(e.ename, e.evalue) for e in errors]}"
+    # An interact callback that raises shows its traceback inside its Output widget, not as a
+    # cell error: look there too (``execute`` saved the widgets' state in the metadata).
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    widget_errors = [out for model in state.values() if model.get("model_name") == "OutputModel"
+                     for out in model["state"].get("outputs", []) if out.get("output_type") == "error"]
+    assert not widget_errors, f"{path.name}: widget callbacks raised {[(e['ename'], e['evalue']) for e in widget_errors]}"
     if nb.metadata.get("ctxseg", {}).get("expects_widgets", True):
         widgets = [out for out in outputs if WIDGET_MIME in out.get("data", {})]
         assert widgets, f"{path.name}: no cell displayed an ipywidget ({WIDGET_MIME})"
