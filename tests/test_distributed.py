@@ -57,3 +57,25 @@ def test_pixel_contrast_ranks_end_with_identical_weights_and_queues(tmp_path):
     assert counts.max() > 2 * 6
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("contrast", 0) > 0 for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_contextrast_trains_under_torchrun_with_every_head_in_the_graph(tmp_path):
+    # DDP (find_unused_parameters=False) fails at the second step if any projection head's
+    # parameters miss a gradient; the ranks must end with identical weights.
+    out = tmp_path / "ctx"
+    settings = dict(method="contextrast", encoder="test_resnet", crop=[64, 64], batch_size=4,
+                    synthetic_size=[64, 64], synthetic_train_len=32, eval_batch_size=50, num_workers=0,
+                    device="cpu", iters=4, out=str(out))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), json.dumps(settings)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4
+    assert any(k.startswith("heads.ctx_proj.nets.3") for k in r0["model"])
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["contrast"] > 0 for r in rows if "contrast" in r)
