@@ -17,11 +17,14 @@ from ctxseg.engine.trainer import Trainer
 from ctxseg.methods.contextrast import (
     Contextrast,
     ContextrastConfig,
+    Projection,
     bane_select,
     class_means,
     edge_distance,
+    inverse_norms,
     negative_mask,
     representative_anchors,
+    stage_embeddings,
 )
 
 STRIDES = (4, 8, 16, 32)
@@ -205,10 +208,35 @@ def test_fusion_only_for_classes_present_at_both_stages():
 
 # ------------------------------------------------------------------------------------------------
 # The loss against the oracle
-def fake_out(embeds, preds4, C):
-    """A segmenter output whose logits argmax to ``preds4`` (B, H/4, W/4)."""
+def fake_out(hidden, projs, preds4, C):
+    """A segmenter output whose logits argmax to ``preds4`` (B, H/4, W/4), with the projection
+    heads' hidden maps and last layers as leaves."""
     return {"logits": F.one_hot(preds4, C).permute(0, 3, 1, 2).float() * 5.0,
-            "stage_embeds": [e.clone().requires_grad_(True) for e in embeds]}
+            "stage_hidden": [h.clone().requires_grad_(True) for h in hidden],
+            "stage_proj": [(w.clone().requires_grad_(True), b.clone().requires_grad_(True)) for w, b in projs]}
+
+
+def head_inputs(B=2, H=32, W=64, C=5, c=6, D=8, seed=0, ignore_frac=0.05):
+    """Labels, and per stage hidden maps (B, c, h, w) with a last layer (W (D, c), b (D,))."""
+    mask, _, labels = stage_inputs(B, H, W, C, D, seed, ignore_frac)
+    g = torch.Generator().manual_seed(seed + 100)
+    hidden = [torch.randn(B, c, H // s, W // s, generator=g) for s in STRIDES]
+    projs = [(torch.randn(D, c, generator=g) / c**0.5, 0.3 * torch.randn(D, generator=g)) for _ in STRIDES]
+    return mask, hidden, projs, labels
+
+
+def test_the_folded_projection_equals_the_materialised_embeddings():
+    _, hidden, projs, labels = head_inputs(seed=11)
+    x, (w, b) = hidden[0].flatten(2), projs[0]
+    emb = torch.einsum("dc,bcp->bdp", w, x) + b[:, None]
+    torch.testing.assert_close(stage_embeddings({"stage_hidden": hidden, "stage_proj": projs})[0].flatten(2), emb)
+    anchors = torch.randn(5, 8)
+    torch.testing.assert_close(Projection.scores(x, anchors, (w, b)), anchors @ emb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inverse_norms(x, True, (w, b)), 1 / emb.norm(dim=1), atol=1e-5, rtol=1e-4)
+    lab = labels[0].flatten(1)
+    scale = torch.rand(lab.shape)
+    torch.testing.assert_close(class_means(x, lab, 5, scale, (w, b)), class_means(emb, lab, 5, scale),
+                               atol=1e-5, rtol=1e-5)
 
 
 def method(C=5, **kw):
@@ -229,25 +257,29 @@ def method(C=5, **kw):
 )
 def test_loss_and_gradients_equal_the_loop_oracle(settings):
     C = 5
-    mask, embeds, labels = stage_inputs(C=C, seed=3)
+    mask, hidden, projs, labels = head_inputs(C=C, seed=3)
     preds4 = corrupt(mask[:, ::4, ::4], C, 0.3, seed=4)
     m = method(C, **settings)
-    out = fake_out(embeds, preds4, C)
+    out = fake_out(hidden, projs, preds4, C)
     targets = m.stage_targets(out, mask)
     for i, s in enumerate(STRIDES):  # nearest-downsampling reads pixel (s*i, s*j)
         assert torch.equal(targets[i]["labels"], labels[i])
         assert torch.equal(targets[i]["preds"], preds4[:, :: s // 4, :: s // 4])
     loss, terms = m(out, {"mask": mask}, step=0)
-    ce = terms["ce"]
-    got = (loss - ce) / m.cfg.contrast_weight
-    ref_in = [e.double().requires_grad_(True) for e in embeds]
-    want, per_stage = oracle.total_loss(ref_in, labels, [t["preds"] for t in targets], C, m.cfg)
+    got = (loss - terms["ce"]) / m.cfg.contrast_weight
+    # The oracle sees the embeddings themselves, computed in float64 from the same leaves.
+    ref_h = [h.double().requires_grad_(True) for h in hidden]
+    ref_p = [(w.double().requires_grad_(True), b.double().requires_grad_(True)) for w, b in projs]
+    embeds = stage_embeddings({"stage_hidden": ref_h, "stage_proj": ref_p})
+    want, per_stage = oracle.total_loss(embeds, labels, [t["preds"] for t in targets], C, m.cfg)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     for i in range(4):
         torch.testing.assert_close(terms[f"contrast_s{i + 1}"].double(), per_stage[i], atol=1e-5, rtol=1e-5)
     got.backward()
     want.backward()
-    for e, r in zip(out["stage_embeds"], ref_in):
+    leaves = [*out["stage_hidden"], *(t for p in out["stage_proj"] for t in p)]
+    ref_leaves = [*ref_h, *(t for p in ref_p for t in p)]
+    for e, r in zip(leaves, ref_leaves):
         assert torch.isfinite(e.grad).all()
         torch.testing.assert_close(e.grad.double(), r.grad, atol=1e-5, rtol=1e-4)
 
@@ -255,7 +287,7 @@ def test_loss_and_gradients_equal_the_loop_oracle(settings):
 @pytest.mark.parametrize("case", ["all_ignore", "no_errors", "one_class", "absent_deep"])
 def test_empty_cases_give_a_finite_loss_and_gradients(case):
     C = 4
-    mask, embeds, _ = stage_inputs(C=C, seed=5, ignore_frac=0.0)
+    mask, hidden, projs, _ = head_inputs(C=C, seed=5, ignore_frac=0.0)
     preds4 = corrupt(mask[:, ::4, ::4], C, 0.3, seed=6)
     if case == "all_ignore":
         mask = torch.full_like(mask, 255)
@@ -267,16 +299,16 @@ def test_empty_cases_give_a_finite_loss_and_gradients(case):
         mask = torch.zeros_like(mask)
         mask[:, 4:12, 4:12] = 3  # invisible on the stride-32 grid
     m = method(C)
-    out = fake_out(embeds, preds4, C)
+    out = fake_out(hidden, projs, preds4, C)
     loss, terms = m(out, {"mask": mask}, step=0)
     assert torch.isfinite(loss)
     (loss - terms["ce"]).backward()
-    for e in out["stage_embeds"]:
+    for e in [*out["stage_hidden"], *(t for p in out["stage_proj"] for t in p)]:
         assert e.grad is not None and torch.isfinite(e.grad).all()
     if case in ("all_ignore", "one_class"):
         assert terms["contrast"] == 0  # no positives / no negatives at all
     if case == "no_errors":
-        ccl, ccl_terms = method(C, bane=False)(fake_out(embeds, preds4, C), {"mask": mask}, step=0)
+        ccl, ccl_terms = method(C, bane=False)(fake_out(hidden, projs, preds4, C), {"mask": mask}, step=0)
         torch.testing.assert_close(terms["contrast"], ccl_terms["contrast"])  # every pool fell back
 
 

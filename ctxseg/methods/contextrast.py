@@ -7,8 +7,9 @@ encoder stages i = 1..4 (strides 4, 8, 16, 32). Per step and stage:
 
 1. A training-only projection head (1x1 conv c->c without bias, ReLU, BN, 1x1 conv c->``proj_dim``;
    the head of Pissas et al. ECCV 2022) embeds the stage's features. Embeddings and anchors are
-   L2-normalised (**CHOICE** ``normalize``); the normalisation of the embeddings is folded into the
-   loss's matrix products as a per-pixel scale (cheaper than a normalised copy on CPU).
+   L2-normalised (**CHOICE** ``normalize``). The head's last 1x1 conv and the normalisation are
+   folded into the loss's small matrix products (``Projection``, ``inverse_norms``): the same
+   numbers, without materialising the 256-d stride-4 embedding map.
 2. Representative anchors: labels are nearest-downsampled to the stage; ``a_i^n`` is the mean of the
    stage's embeddings of class n over the whole mini-batch (of this process), recomputed every step.
 3. Context fusion (``fusion``): ``â_i^n = w_l a_i^n + w_h a_4^n`` when class n is present at stage i
@@ -112,11 +113,14 @@ class ContextrastConfig(TrainConfig):
 
 
 class StageProjections(Head):
-    """One projection head per encoder stage: ``out["stage_embeds"]``, four (B, dim, h_i, w_i)
-    float32 maps. They are not normalised here: the loss folds the L2 normalisation into its
-    matrix products (``inverse_norms``), which never materialises (or backpropagates through) a
-    normalised copy of the stride-4 map; ``F.normalize(e, dim=1)`` gives the embeddings the loss
-    sees."""
+    """One projection head per encoder stage (1x1 conv c->c, ReLU, BN, 1x1 conv c->dim).
+
+    The last 1x1 conv is linear, so the head returns it unapplied: ``out["stage_hidden"]``, four
+    (B, c_i, h_i, w_i) float32 maps before it, and ``out["stage_proj"]``, its (weight (dim, c_i),
+    bias (dim,)) per stage. The loss folds it into its small matrix products (``Projection``): at
+    the stride-4 stage (c = 64 for ResNet-18) the 256-d embedding map, the largest tensor of the
+    method, is never materialised, normalised or backpropagated through. ``stage_embeddings(out)``
+    gives the embeddings themselves (for plots)."""
 
     def __init__(self, stage_channels: list[int], dim: int = 256):
         super().__init__()
@@ -128,32 +132,76 @@ class StageProjections(Head):
         )
 
     def forward(self, out):
-        return {"stage_embeds": [net(x).float() for net, x in zip(self.nets, out["stages"])]}
+        hidden = [net[:-1](x).float() for net, x in zip(self.nets, out["stages"])]
+        proj = [(net[-1].weight.flatten(1).float(), net[-1].bias.float()) for net in self.nets]
+        return {"stage_hidden": hidden, "stage_proj": proj}
 
 
-def inverse_norms(emb: torch.Tensor, normalize: bool = True) -> torch.Tensor | None:
-    """Per-pixel 1 / ||e|| (clamped like ``F.normalize``) of (B, D, P) embeddings: (B, P), or None
-    without normalisation. Scaling by it is L2 normalisation."""
+def stage_embeddings(out) -> list[torch.Tensor]:
+    """The (B, dim, h_i, w_i) embeddings of each stage (not normalised) from a segmenter output
+    with ``StageProjections``."""
+    return [
+        torch.einsum("dc,bchw->bdhw", w, h) + b[:, None, None]
+        for h, (w, b) in zip(out["stage_hidden"], out["stage_proj"])
+    ]
+
+
+class Projection:
+    """A linear map e = W x + b applied lazily to (B, c, P) features x, for the products the loss
+    needs: ``None`` stands for the identity (x are the embeddings)."""
+
+    @staticmethod
+    def scores(x, anchors, proj):
+        """anchors (C, D) . e for every pixel: (B, C, P)."""
+        if proj is None:
+            return anchors @ x
+        w, b = proj
+        return (anchors @ w) @ x + (anchors @ b)[None, :, None]
+
+    @staticmethod
+    def sums(x, weights, proj):
+        """sum over the batch of weights (B, P, C)-weighted embeddings: (C, D)."""
+        s = torch.bmm(x, weights).sum(0)  # (c, C)
+        if proj is None:
+            return s.T
+        w, b = proj
+        return (w @ s).T + weights.sum((0, 1))[:, None] * b[None, :]
+
+    @staticmethod
+    def sq_norms(x, proj):
+        """||e||^2 for every pixel: (B, P); ||Wx + b||^2 = x.(W'W)x + 2 (W'b).x + b.b."""
+        if proj is None:
+            return (x * x).sum(1)
+        w, b = proj
+        gram = w.T @ w
+        return (x * (gram @ x)).sum(1) + 2.0 * ((w.T @ b) @ x) + b @ b
+
+
+def inverse_norms(x: torch.Tensor, normalize: bool = True, proj=None) -> torch.Tensor | None:
+    """Per-pixel 1 / ||e|| (clamped like ``F.normalize``) of the embeddings of (B, c, P) features
+    under ``proj`` (see ``Projection``): (B, P), or None without normalisation. Scaling by it is L2
+    normalisation."""
     if not normalize:
         return None
-    return 1.0 / torch.linalg.vector_norm(emb.float(), dim=1).clamp(min=1e-12)
+    return Projection.sq_norms(x.float(), proj).clamp(min=1e-24).rsqrt()
 
 
 # ------------------------------------------------------------------------------------------------
 # Anchors
-def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: torch.Tensor | None = None):
-    """Per-class mean of (B, D, P) embeddings over the batch, for (B, P) labels (ignore = 255),
-    each pixel's embedding first multiplied by ``scale`` (B, P) when given (``inverse_norms``).
+def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: torch.Tensor | None = None,
+                proj=None):
+    """Per-class mean over the batch of the embeddings of (B, c, P) features ``x`` under ``proj``
+    (``None``: x are the embeddings), for (B, P) labels (ignore = 255), each pixel's embedding
+    first multiplied by ``scale`` (B, P) when given (``inverse_norms``).
 
     Returns ``(means (C, D), counts (C,))``; classes without pixels get a zero mean. One batched
     matrix product with the (B, P, C) one-hot labels: no copy of the embeddings."""
     C = num_classes
     lab = torch.where((labels >= 0) & (labels < C), labels, C)  # C collects ignored pixels and is dropped
-    onehot = F.one_hot(lab, C + 1)[..., :C].to(emb.dtype)  # (B, P, C)
+    onehot = F.one_hot(lab, C + 1)[..., :C].to(x.dtype)  # (B, P, C)
     counts = onehot.sum((0, 1))
     weights = onehot if scale is None else onehot * scale[..., None]
-    sums = torch.bmm(emb, weights).sum(0).T  # (C, D)
-    return sums / counts.clamp(min=1)[:, None], counts.long()
+    return Projection.sums(x, weights, proj) / counts.clamp(min=1)[:, None], counts.long()
 
 
 def representative_anchors(
@@ -165,19 +213,22 @@ def representative_anchors(
     normalize: bool = True,
     detach: bool = False,
     scales: list[torch.Tensor | None] | None = None,
+    projs: list | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Anchors of every stage from (B, D, P_i) embeddings and (B, P_i) labels on each stage's grid.
+    """Anchors of every stage from (B, D, P_i) embeddings (or features and their ``projs``, see
+    ``Projection``) and (B, P_i) labels on each stage's grid.
 
     With ``normalize`` the embeddings are L2-normalised before averaging (``scales``: their
     precomputed ``inverse_norms``, else computed here) and the anchors after averaging and after
     fusion. Returns ``(anchors, present)``: per stage a (C, D) tensor of (fused) anchors and a
     (C,) bool of the classes with pixels at that stage. Fusion mixes in the deepest stage's anchor
     only for classes present at both stages."""
+    projs = projs or [None] * len(embeds)
     if scales is None:
-        scales = [inverse_norms(e, normalize) for e in embeds]
+        scales = [inverse_norms(e, normalize, p) for e, p in zip(embeds, projs)]
     means, present = [], []
-    for emb, lab, scale in zip(embeds, labels, scales):
-        m, n = class_means(emb, lab, num_classes, scale)
+    for emb, lab, scale, proj in zip(embeds, labels, scales, projs):
+        m, n = class_means(emb, lab, num_classes, scale, proj)
         means.append(F.normalize(m, dim=1) if normalize else m)
         present.append(n > 0)
     anchors = []
@@ -305,18 +356,20 @@ def pixel_to_anchor_loss(
     neg: torch.Tensor,
     temperature: float = 0.1,
     scale: torch.Tensor | None = None,
+    proj=None,
 ) -> torch.Tensor:
-    """``mean_n L^n`` for (B, D, P) pixel embeddings with (B, P) labels (ignore = 255), (C, D)
-    anchors and a (C, B * P) negative mask, in float32.
+    """``mean_n L^n`` for (B, D, P) pixel embeddings (or (B, c, P) features and their ``proj``, see
+    ``Projection``) with (B, P) labels (ignore = 255), (C, D) anchors and a (C, B * P) negative
+    mask, in float32.
 
     ``L^n = mean over pixels v+ of class n of softplus(logsumexp_{v- in neg[n]} s(â_n, v-)
     - s(â_n, v+))``, ``s = â.v / τ`` with v scaled by ``scale`` (B, P) when given (``inverse_norms``:
     v L2-normalised). The mean is over the classes with pixels. An anchor without negatives
     contributes 0; no valid pixel gives 0 (still connected to the graph)."""
     C = anchors.shape[0]
-    B, D, P = emb.shape
+    B, _, P = emb.shape
     with torch.autocast(emb.device.type, enabled=False):
-        s = anchors.float() @ emb.float()  # (B, C, P): no copy of the embeddings
+        s = Projection.scores(emb.float(), anchors.float(), proj)  # (B, C, P): no copy of the embeddings
         if scale is not None:
             s = s * scale[:, None, :]
         s = (s / temperature).transpose(0, 1).reshape(C, B * P)
@@ -349,8 +402,8 @@ class Contextrast(Method):
         with torch.no_grad():
             pred = out["logits"].detach().argmax(1)
             targets = []
-            for emb in out["stage_embeds"]:
-                size = tuple(emb.shape[-2:])
+            for hidden in out["stage_hidden"]:
+                size = tuple(hidden.shape[-2:])
                 targets.append({"labels": downsample_labels(mask, size), "preds": downsample_labels(pred, size)})
         return targets
 
@@ -368,8 +421,9 @@ class Contextrast(Method):
         """(anchors, present) of every stage (see ``representative_anchors``)."""
         cfg = self.cfg
         return representative_anchors(
-            [e.flatten(2) for e in out["stage_embeds"]], [t["labels"].flatten(1) for t in targets],
+            [h.flatten(2) for h in out["stage_hidden"]], [t["labels"].flatten(1) for t in targets],
             self.info.num_classes, cfg.fusion, cfg.fusion_weight, cfg.normalize, cfg.detach_anchors, scales,
+            out["stage_proj"],
         )
 
     def forward(self, out, batch, step):
@@ -378,18 +432,18 @@ class Contextrast(Method):
         mask = batch["mask"]
         ce = cross_entropy(out["logits"], mask)
         targets = self.stage_targets(out, mask)
-        embeds = [e.flatten(2) for e in out["stage_embeds"]]
-        scales = [inverse_norms(e, cfg.normalize) for e in embeds]
+        hidden = [h.flatten(2) for h in out["stage_hidden"]]
+        scales = [inverse_norms(h, cfg.normalize, p) for h, p in zip(hidden, out["stage_proj"])]
         anchors, _ = self.anchors(out, targets, scales)
         maps = self.bane(targets) if cfg.bane else [None] * len(targets)
         terms = {"ce": ce.detach()}
         contrast = 0.0
-        for i, (emb, scale, t, a, m) in enumerate(zip(embeds, scales, targets, anchors, maps)):
+        for i, (x, proj, scale, t, a, m) in enumerate(zip(hidden, out["stage_proj"], scales, targets, anchors, maps)):
             labels = t["labels"].flatten(1)
             with torch.no_grad():
                 kept = None if m is None else m["kept"].flatten()
                 neg = negative_mask(labels.flatten(), t["preds"].flatten(), kept, C, cfg.bane_negatives)
-            li = pixel_to_anchor_loss(emb, labels, a, neg, cfg.temperature, scale)
+            li = pixel_to_anchor_loss(x, labels, a, neg, cfg.temperature, scale, proj)
             terms[f"contrast_s{i + 1}"] = li.detach()
             contrast = contrast + cfg.stage_weights[i] * li
         terms["contrast"] = contrast.detach()
