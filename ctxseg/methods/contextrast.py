@@ -255,31 +255,36 @@ def edge_distance(regions: torch.Tensor, max_elements: int = 1 << 24) -> torch.T
     that fills its image gets ``inf``.
 
     Two exact separable passes, in torch on the input's device (no CPU round trip): along columns,
-    g = distance to the nearest different id in the same column; along rows,
+    g = distance to the nearest different id in the same column (the pixel just outside the
+    pixel's run, found with a cumulative max); along rows,
     ``d²(y, x) = min_x' (x - x')² + [regions(y, x') == regions(y, x)] g(y, x')²`` (a pixel of another
-    region at (y, x') is itself outside, at distance |x - x'|). Brute force over each line:
-    O(h w (h + w)) per image, processed in chunks of images of at most ``max_elements`` per pass.
+    region at (y, x') is itself outside, at distance |x - x'|), by brute force over each row:
+    O(h w²) per image, processed in chunks of images of at most ``max_elements`` (b, h, w, w) cells.
     """
     B, h, w = regions.shape
     if B == 0:
         return regions.new_zeros(regions.shape, dtype=torch.float32)
-    per_image = h * w * max(h, w)
-    chunk = max(1, max_elements // per_image)
+    chunk = max(1, max_elements // (h * w * w))
     if B > chunk:
         return torch.cat([edge_distance(r, max_elements) for r in regions.split(chunk)])
-    dev = regions.device
-    inf = torch.tensor(float("inf"), device=dev)
-    ys = torch.arange(h, device=dev, dtype=torch.float32)
-    xs = torch.arange(w, device=dev, dtype=torch.float32)
-    dy = (ys[:, None] - ys[None, :]).abs()  # (y, y')
-    dx2 = (xs[:, None] - xs[None, :]) ** 2  # (x, x')
-    # Pass 1, columns: (B, y, y', w) -> g (B, h, w).
-    other = regions[:, :, None, :] != regions[:, None, :, :]
-    g = torch.where(other, dy[None, :, :, None], inf).amin(2)
+    g = torch.minimum(_run_distance(regions), _run_distance(regions.flip(1)).flip(1))
     # Pass 2, rows: (B, h, x, x') -> d² (B, h, w).
+    xs = torch.arange(w, device=regions.device, dtype=torch.float32)
+    dx2 = (xs[:, None] - xs[None, :]) ** 2  # (x, x')
     same = regions[:, :, :, None] == regions[:, :, None, :]
     d2 = (dx2 + torch.where(same, g[:, :, None, :] ** 2, 0.0)).amin(-1)
     return d2.sqrt()
+
+
+def _run_distance(regions: torch.Tensor) -> torch.Tensor:
+    """(B, h, w): distance from each pixel up its column to the nearest pixel with another id
+    (inf if none): y - (start of the pixel's run) + 1."""
+    B, h, w = regions.shape
+    y = torch.arange(h, device=regions.device)[None, :, None].expand(B, h, w)
+    starts = torch.ones_like(regions, dtype=torch.bool)
+    starts[:, 1:] = regions[:, 1:] != regions[:, :-1]
+    run_start = torch.where(starts, y, 0).cummax(1).values
+    return torch.where(run_start > 0, (y - run_start + 1).float(), float("inf"))
 
 
 def bane_select(
