@@ -456,8 +456,8 @@ def show_bane(image: torch.Tensor, mask: torch.Tensor, region: torch.Tensor, dis
     axes[3].imshow(grey, cmap="gray")
     axes[3].imshow(np.ma.masked_where(~mine, mine), cmap="Greys", alpha=0.35, extent=extent, vmin=0, vmax=1)
     axes[3].imshow(np.ma.masked_where(~chosen, chosen), cmap="autumn", alpha=0.9, extent=extent, vmin=0, vmax=1)
-    whom = f"anchors other than {name}" if negatives == "missed" else f"the {name} anchor"
-    axes[3].set_title(f"kept: {int(chosen.sum())} of {int(mine.sum())}, negatives of {whom}")
+    whom = f"every anchor but {name}" if negatives == "missed" else f"the {name} anchor"
+    axes[3].set_title(f"kept {int(chosen.sum())} of {int(mine.sum())} (nearest the edge)\nnegatives of {whom}")
     for ax in axes:
         ax.set_axis_off()
     return fig
