@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,17 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert single_eval["per_class_iou"] == pytest.approx(ddp_eval["per_class_iou"], abs=1e-12)
 
 
+def train_two_ranks(settings: dict):
+    """Train ``settings`` with torchrun on 2 CPU processes (tests/ddp_worker.py) and return each
+    rank's saved {model, method, step} state."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), json.dumps(settings)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [torch.load(Path(settings["out"]) / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
 @pytest.mark.timeout(300)
 def test_pixel_contrast_ranks_end_with_identical_weights_and_queues(tmp_path):
     out = tmp_path / "pc"
@@ -40,12 +52,7 @@ def test_pixel_contrast_ranks_end_with_identical_weights_and_queues(tmp_path):
                     synthetic_size=[64, 64], synthetic_train_len=32, eval_batch_size=50, num_workers=0,
                     device="cpu", iters=6, memory=True, memory_size=40, contrast_warmup=0.34, max_views=20,
                     out=str(out))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), json.dumps(settings)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
-    assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = train_two_ranks(settings)
     assert r0["step"] == r1["step"] == 6
     for part in ("model", "method"):
         assert r0[part].keys() == r1[part].keys()
@@ -67,12 +74,7 @@ def test_contextrast_trains_under_torchrun_with_every_head_in_the_graph(tmp_path
     settings = dict(method="contextrast", encoder="test_resnet", crop=[64, 64], batch_size=4,
                     synthetic_size=[64, 64], synthetic_train_len=32, eval_batch_size=50, num_workers=0,
                     device="cpu", iters=4, out=str(out))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), json.dumps(settings)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
-    assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = train_two_ranks(settings)
     assert r0["step"] == r1["step"] == 4
     assert any(k.startswith("heads.ctx_proj.nets.3") for k in r0["model"])
     for k in r0["model"]:
