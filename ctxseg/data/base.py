@@ -33,12 +33,16 @@ class DatasetInfo:
         class_names: one name per trainable class, in label order.
         palette: one RGB colour per class, for overlays.
         ignore_index: label value excluded from losses and metrics.
+        background: index of a catch-all background class that every image is taken to contain
+            (PASCAL VOC's class 0), or None when every class is a named thing or stuff class
+            (the synthetic scenes, CamVid). Weakly supervised methods never ask the tags for it.
     """
 
     name: str
     class_names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     ignore_index: int = IGNORE_INDEX
+    background: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -121,7 +125,9 @@ class SegmentationDataset(Dataset):
     whether the run was resumed.
 
     Each item is a dict: ``image`` float (3, H, W), ``mask`` int64 (H, W) with 255 = ignore,
-    ``tags`` float (C,) multi-hot, ``index`` int.
+    ``tags`` float (C,) multi-hot, ``index`` int. The tags are those of the whole image (the
+    classes in its un-augmented mask), as an image-level annotation gives them: a crop can lose a
+    tagged class, as it does in weakly supervised training on real tags.
     """
 
     info: DatasetInfo
@@ -148,6 +154,7 @@ class SegmentationDataset(Dataset):
             raise IndexError(f"index {i} out of range for {type(self).__name__} of length {len(self)}")
         image, mask = self.load(i)
         check_sample(image, mask, self.num_classes, self.describe(i))
+        tags = tags_from_mask(torch.from_numpy(mask), self.num_classes)
         image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
         if self.transform is not None:
@@ -163,9 +170,17 @@ class SegmentationDataset(Dataset):
         return {
             "image": image.as_subclass(torch.Tensor),
             "mask": mask,
-            "tags": tags_from_mask(mask, self.num_classes),
+            "tags": tags,
             "index": i,
         }
+
+
+    def image_tags(self) -> torch.Tensor:
+        """(N, C) multi-hot image-level tags of every sample (what a class-aware batch sampler
+        groups by). The default reads every sample; datasets with a cheaper way override it."""
+        return torch.stack(
+            [tags_from_mask(torch.from_numpy(self.load(i)[1]), self.num_classes) for i in range(len(self))]
+        ) if len(self) else torch.zeros(0, self.num_classes)
 
 
 class FilePairDataset(SegmentationDataset):
@@ -202,3 +217,11 @@ class FilePairDataset(SegmentationDataset):
 
     def describe(self, i: int) -> str:
         return str(self.images[i])
+
+    def image_tags(self) -> torch.Tensor:
+        """Tags of every sample from its label file alone (no image is decoded)."""
+        tags = [
+            tags_from_mask(torch.from_numpy(self.map_labels(read_mask(p), p)), self.num_classes)
+            for p in self.labels
+        ]
+        return torch.stack(tags) if tags else torch.zeros(0, self.num_classes)
