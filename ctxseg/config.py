@@ -24,7 +24,7 @@ class TrainConfig:
 
     Attributes:
         method: method name (``ce``, ...); set by the CLI.
-        data: dataset name: synthetic | camvid | cityscapes | ade20k.
+        data: dataset name: synthetic | camvid | cityscapes | ade20k | voc.
         data_root: dataset folder (default ``data/<name>``; unused for synthetic).
         encoder: timm encoder name (``features_only=True`` must give strides 4..32).
         pretrained: load timm's pretrained encoder weights (needs network access).
@@ -129,6 +129,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "camvid": {"crop": (360, 480)},
     "cityscapes": {"crop": (512, 1024)},
     "ade20k": {"crop": (512, 512), "eval_batch_size": 1},
+    "voc": {"crop": (320, 320), "eval_batch_size": 1},  # image sizes vary (about 500x375)
 }
 
 

@@ -1,4 +1,4 @@
-"""Datasets: the synthetic default, CamVid, Cityscapes, ADE20K; joint transforms; downloads.
+"""Datasets: the synthetic default, CamVid, Cityscapes, ADE20K, PASCAL VOC; joint transforms; downloads.
 
 ``build_dataset(name, split, root, transform)`` is the one factory the trainer, the CLI and the
 notebooks use; adding a dataset is one class and one line in ``DATASETS``.
@@ -18,16 +18,23 @@ from ctxseg.data.camvid import CamVid
 from ctxseg.data.cityscapes import Cityscapes
 from ctxseg.data.synthetic import SyntheticScenes
 from ctxseg.data.transforms import denormalize, eval_transform, train_transform
+from ctxseg.data.voc import VOC
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "synthetic": SyntheticScenes,
     "camvid": CamVid,
     "cityscapes": Cityscapes,
     "ade20k": ADE20K,
+    "voc": VOC,
 }
 
 # Where each dataset lives when --data-root is not given (relative to the working directory).
-DEFAULT_ROOTS = {"camvid": "data/camvid", "cityscapes": "data/cityscapes", "ade20k": "data/ade20k"}
+DEFAULT_ROOTS = {
+    "camvid": "data/camvid",
+    "cityscapes": "data/cityscapes",
+    "ade20k": "data/ade20k",
+    "voc": "data/VOCdevkit",
+}
 
 
 def build_dataset(name: str, split: str, root: str | None = None, transform=None, **kwargs):
@@ -50,6 +57,7 @@ __all__ = [
     "IGNORE_INDEX",
     "SegmentationDataset",
     "SyntheticScenes",
+    "VOC",
     "build_dataset",
     "denormalize",
     "eval_transform",
