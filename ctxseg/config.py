@@ -33,6 +33,10 @@ class TrainConfig:
         iters: training length in optimizer steps (wins over ``epochs``).
         crop: training crop (H, W); None: the dataset's default (``DATASET_DEFAULTS``).
         batch_size: global batch size, split evenly across torchrun processes.
+        batch_sampler: ``random`` (shuffled batches) or ``class_aware`` (images in a batch share
+            classes, by runs of ``class_group_size`` images with a common tag; see
+            ``ClassAwareBatchSampler``), what contrast between images of one class needs.
+        class_group_size: images per run sharing a class, for ``class_aware`` batches.
         seed: seeds the model init, the data order and every augmentation.
         out: run folder (default ``runs/<method>-<data>-s<seed>``).
         ckpt_every: write a checkpoint every N steps (and always at the end).
@@ -65,6 +69,8 @@ class TrainConfig:
     iters: int | None = None
     crop: tuple[int, int] | None = None
     batch_size: int = 8
+    batch_sampler: str = "random"
+    class_group_size: int = 2
     seed: int = 0
     out: str | None = None
     ckpt_every: int = 500
@@ -105,6 +111,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.batch_sampler not in ("random", "class_aware"):
+            raise ValueError(f"batch_sampler must be 'random' or 'class_aware', got {self.batch_sampler!r}")
+        if self.class_group_size < 1:
+            raise ValueError(f"class_group_size must be >= 1, got {self.class_group_size}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.crop is not None and (len(self.crop) != 2 or min(self.crop) <= 0):
@@ -158,7 +168,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if origin is tuple:
             if isinstance(value, str):
                 value = value.replace(",", " ").split()
-            if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+                args = (args[0],) * len(value)
+            if len(value) != len(args):
                 raise TypeError
             return tuple(_coerce(key, v, a) for v, a in zip(value, args))
         if tp is bool:

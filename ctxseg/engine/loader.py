@@ -52,13 +52,65 @@ class TrainBatchSampler:
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start
 
+    def order(self, g: torch.Generator) -> torch.Tensor:
+        """This epoch's sample order (a permutation of range(n)), drawn from ``g``."""
+        return torch.randperm(self.n, generator=g)
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
+        perm = self.order(g).tolist()
         lo = self.dist.rank * self.per_rank
         for b in range(self.start, self.batches_per_epoch):
             chunk = perm[b * self.batch_size : (b + 1) * self.batch_size][lo : lo + self.per_rank]
             yield [(i, augmentation_seed(self.seed, self.epoch, i)) for i in chunk]
+
+
+class ClassAwareBatchSampler(TrainBatchSampler):
+    """Batches in which images share classes, for contrast between images of the same class.
+
+    Each epoch every image draws one *key class* at random from its tags (the dataset's
+    background class excluded), images are grouped by key class in random order, the groups are
+    cut into runs of ``group_size`` consecutive images and the runs are shuffled into batches. So
+    every image is seen once per epoch, as with ``TrainBatchSampler``, and all but at most one
+    run per key class hold ``group_size`` images that share their key class. Images without a
+    tag form their own group. Like ``TrainBatchSampler`` the order is a pure function of
+    (seed, epoch): resumable and the same for any world size.
+
+    Args:
+        tags: (n, C) multi-hot image-level tags of the training set.
+        batch_size, seed, dist: as for ``TrainBatchSampler``.
+        group_size: images per run that share a key class (2 pairs every image with another).
+        background: index of the background class, never a key class (None: no such class).
+    """
+
+    def __init__(self, tags: torch.Tensor, batch_size: int, seed: int, dist: DistInfo = DistInfo(),
+                 group_size: int = 2, background: int | None = None):
+        super().__init__(len(tags), batch_size, seed, dist)
+        if group_size < 1:
+            raise ValueError(f"class_group_size must be >= 1, got {group_size}")
+        self.tags = tags.bool().clone()
+        if background is not None:
+            self.tags[:, background] = False
+        self.group_size = group_size
+
+    def order(self, g: torch.Generator) -> torch.Tensor:
+        n, c = self.tags.shape
+        # Key class: the tag with the largest random key; untagged images get key class c.
+        noise = torch.rand(n, c, generator=g)
+        key = torch.where(self.tags, noise, -1.0).argmax(1)
+        key = torch.where(self.tags.any(1), key, c)
+        class_rank = torch.randperm(c + 1, generator=g)[key]  # classes in random order
+        within = torch.randperm(n, generator=g)
+        grouped = within[torch.argsort(class_rank[within], stable=True)]
+        # Runs of group_size consecutive images of one key class; shuffle the runs.
+        k = class_rank[grouped]
+        position = torch.arange(n)
+        new_group = torch.ones(n, dtype=torch.bool)
+        new_group[1:] = k[1:] != k[:-1]
+        group_begin = torch.cummax(torch.where(new_group, position, 0), 0).values
+        run_id = torch.cumsum(((position - group_begin) % self.group_size == 0).long(), 0) - 1
+        run_order = torch.randperm(int(run_id[-1]) + 1, generator=g)
+        return grouped[torch.argsort(run_order[run_id], stable=True)]
 
 
 def train_loader(dataset, sampler: TrainBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -38,7 +38,7 @@ from ctxseg.engine.checkpoint import (
     set_rng_state,
 )
 from ctxseg.engine.evaluate import build_model, eval_dataset, evaluate, export_safetensors
-from ctxseg.engine.loader import TrainBatchSampler, eval_loader, train_loader
+from ctxseg.engine.loader import ClassAwareBatchSampler, TrainBatchSampler, eval_loader, train_loader
 from ctxseg.methods import get_method
 
 
@@ -92,7 +92,13 @@ class Trainer:
 
         self.train_set, self.val_set = build_datasets(cfg)
         self.info = self.train_set.info
-        self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
+        if cfg.batch_sampler == "class_aware":
+            self.sampler = ClassAwareBatchSampler(
+                self.train_set.image_tags(), cfg.batch_size, cfg.seed, self.dist, cfg.class_group_size,
+                self.info.background,
+            )
+        else:
+            self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
         self.total_iters = cfg.iters or cfg.epochs * self.sampler.batches_per_epoch
         method_cls = get_method(cfg.method)
         if not isinstance(cfg, method_cls.config_class):
@@ -257,6 +263,7 @@ class Trainer:
         self.save_checkpoint()
         result = self.run_eval()
         self._log({"step": self.step, "split": cfg.eval_split, **_summary(result)})
+        result.update(self.method.final_metrics(self.model, self.device, self.dist, self.progress))
         if self.dist.is_main:
             export_safetensors(self.model, cfg, self.info.class_names, self.run_dir / "model.safetensors", self.step)
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))

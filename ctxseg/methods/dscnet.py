@@ -1,0 +1,259 @@
+"""DSCNet (Lai & Vong, IEEE TII 2024): dual-stream contrastive learning for weakly supervised
+segmentation from image-level tags, on top of the single-stage baseline ``wsss_cam``.
+
+Only the paper's abstract and Figure 1 were readable and it has no public code, so everything
+here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``:
+
+- **PGCL, pixel-wise group contrast.** A training-only projection head maps the decoder features
+  to L2-normalised pixel embeddings ``z``. A *group* is the reliable pixels of one class (pseudo
+  label not ignored, background included) across all images of the batch; its centre is the
+  confidence-weighted mean of their embeddings (weight: the pixel's refined mask value for its
+  class), L2-normalised. Up to ``pgcl_anchors`` reliable pixels are sampled, ``pgcl_hard_fraction``
+  of them hard (predicted as another class than their pseudo label), and each is contrasted with
+  InfoNCE against all group centres (``temperature`` 0.1). It learns from pseudo labels, so it
+  switches on with the segmentation loss, after the warm-up.
+- **SGCL, semantic-wise graph contrast.** One node per (image, tagged class), plus the background
+  class of a dataset that has one: the CAM-weighted mean of the decoder features (CAM weights
+  detached by default), through a training-only MLP. Edges are the ReLU of the nodes' cosine
+  similarities (self-loops included), symmetrically normalised; a 2-layer GCN
+  ``H' = A relu(A H W1 + b1) W2 + b2``-style propagation (``A (H W + b)`` per layer) gives the node
+  embeddings, L2-normalised. Supervised contrast over nodes: nodes of the same class in other
+  images are positives, nodes of other classes negatives; a node without a positive (its class in
+  no other image of the batch) contributes nothing, and a batch without any gives 0.
+  Class-aware batches (``batch_sampler: class_aware``) make positives common.
+- **Dual stream.** ``dual_stream: A`` adds both losses (``pgcl_weight`` = ``sgcl_weight`` = 0.1);
+  ``dual_stream: B`` also feeds the graph's class embeddings (the normalised mean of a class's
+  node embeddings) to PGCL as its group centres, so the pixel stream is pulled towards the
+  semantic stream.
+
+Everything is vectorised over images, classes, nodes and anchors. Contrastive similarities are
+computed in float32. The projection head and the graph module are training-only heads: the
+deployed model is the plain segmenter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctxseg.data.base import IGNORE_INDEX
+from ctxseg.methods.pixel_contrast import ProjectionHead
+from ctxseg.methods.wsss import WSSSCam, WSSSConfig, cam_masks
+from ctxseg.models.segmenter import Head
+
+
+@dataclass
+class DSCNetConfig(WSSSConfig):
+    """DSCNet = ``wsss_cam`` + PGCL + SGCL + the dual-stream coupling (all CHOICEs, see module).
+
+    Attributes:
+        proj_dim: width of the pixel embeddings and of the graph's node embeddings.
+        temperature: tau of both InfoNCE losses.
+        pgcl_weight, sgcl_weight: weights of the two contrastive losses.
+        pgcl_anchors: most anchor pixels per batch.
+        pgcl_hard_fraction: share of the anchors drawn from hard pixels (the rest easy; either
+            fills in when the other is short).
+        detach_centres: stop gradients through the PGCL group centres.
+        detach_node_cams: stop gradients through the CAM weights that pool the node features.
+        dual_stream: ``A`` (sum of the losses) or ``B`` (graph class embeddings as PGCL centres).
+    """
+
+    method: str = "dscnet"
+    proj_dim: int = 128
+    temperature: float = 0.1
+    pgcl_weight: float = 0.1
+    sgcl_weight: float = 0.1
+    pgcl_anchors: int = 1024
+    pgcl_hard_fraction: float = 0.5
+    detach_centres: bool = False
+    detach_node_cams: bool = True
+    dual_stream: str = "A"
+
+    def validate(self) -> DSCNetConfig:
+        super().validate()
+        if self.proj_dim <= 0 or self.pgcl_anchors <= 0:
+            raise ValueError(f"proj_dim and pgcl_anchors must be positive, got {self.proj_dim}, {self.pgcl_anchors}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.pgcl_hard_fraction <= 1.0:
+            raise ValueError(f"pgcl_hard_fraction must lie in [0, 1], got {self.pgcl_hard_fraction}")
+        if self.dual_stream not in ("A", "B"):
+            raise ValueError(f"dual_stream must be 'A' or 'B', got {self.dual_stream!r}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------
+# Heads
+class GraphHead(Head):
+    """Node features for every (image, class): CAM-weighted mean of the decoder features through
+    an MLP, ``out["node_embed"]`` (B, C, proj_dim); and the 2-layer GCN, ``out["gcn"]``, that the
+    loss runs once it knows which nodes exist (the image's tags)."""
+
+    def __init__(self, channels: int, dim: int, background: int | None, background_logit: float,
+                 detach_cams: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(inplace=True), nn.Linear(channels, dim))
+        self.gcn = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim)])
+        self.background, self.background_logit, self.detach_cams = background, background_logit, detach_cams
+
+    def forward(self, out):
+        masks = cam_masks(out["logits"], self.background, self.background_logit)
+        if self.detach_cams:
+            masks = masks.detach()
+        return {"node_embed": self.mlp(node_features(out["features"].float(), masks)), "gcn": self.gcn}
+
+
+def node_features(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, C, D) CAM-weighted means ``sum_i m_ic f_i / (eps + sum_i m_ic)`` of (B, D, h, w) features."""
+    num = torch.einsum("bchw,bdhw->bcd", masks, features)
+    return num / (eps + masks.sum((2, 3)))[..., None]
+
+
+# ------------------------------------------------------------------------------------------------
+# SGCL
+def gcn(h: torch.Tensor, present: torch.Tensor, layers) -> torch.Tensor:
+    """Two GCN layers over the present nodes: ``A (relu(A (h W1 + b1)) W2 + b2)``, with edges
+    ``A = D^-1/2 relu(cos(h_u, h_v)) D^-1/2`` between present nodes (self-loops: cos = 1).
+    Absent nodes have no edges and come out as 0. h (N, d), present (N,) bool."""
+    hn = F.normalize(h, dim=1)
+    both = present[:, None] & present[None, :]
+    adj = (hn @ hn.T).clamp_min(0) * both
+    deg = adj.sum(1)
+    dinv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), 0.0)
+    a_hat = dinv[:, None] * adj * dinv[None, :]
+    x = F.relu(a_hat @ layers[0](h))
+    return a_hat @ layers[1](x)
+
+
+def node_contrast(z: torch.Tensor, classes: torch.Tensor, images: torch.Tensor, present: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Supervised contrast over L2-normalised node embeddings z (N, d).
+
+    For node u with positives P(u) (present nodes of its class in other images) and the set O(u)
+    of all other present nodes: ``L_u = -mean_{p in P(u)} log(exp(s_up) / sum_{v in O(u)} exp(s_uv))``
+    with ``s = z.z' / tau``; the loss is the mean over nodes with a positive, or 0 (connected to the
+    graph) when no node has one."""
+    s = (z @ z.T) / temperature
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    others = present[:, None] & present[None, :] & ~eye
+    pos = others & (classes[:, None] == classes[None, :]) & (images[:, None] != images[None, :])
+    has = pos.any(1)
+    # Rows without any other node would be all -inf: give them zeros (they have no positive).
+    masked = torch.where(others.any(1, keepdim=True), s.masked_fill(~others, float("-inf")), torch.zeros_like(s))
+    log_prob = s - torch.logsumexp(masked, 1, keepdim=True)
+    per_node = -torch.where(pos, log_prob, 0.0).sum(1) / pos.sum(1).clamp_min(1)
+    if not bool(has.any()):
+        return z.sum() * 0.0
+    return per_node[has].mean()
+
+
+def node_layout(tags: torch.Tensor, background: int | None):
+    """(present, classes, images), each (B*C,), of the nodes in (image, class) order."""
+    b, c = tags.shape
+    present = tags.bool().clone()
+    if background is not None:
+        present[:, background] = True
+    classes = torch.arange(c, device=tags.device).repeat(b)
+    images = torch.arange(b, device=tags.device).repeat_interleave(c)
+    return present.reshape(-1), classes, images
+
+
+def graph_class_embeddings(z: torch.Tensor, classes: torch.Tensor, present: torch.Tensor, num_classes: int):
+    """(C, d) normalised mean node embedding per class, and (C,) whether the class has a node."""
+    onehot = F.one_hot(classes, num_classes).to(z.dtype) * present[:, None]
+    return F.normalize(onehot.T @ z, dim=1), onehot.sum(0) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# PGCL
+def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_classes: int):
+    """Confidence-weighted, L2-normalised class centres of pixel embeddings.
+
+    z (N, d), labels (N,) with 255 = unreliable, weights (N,). Returns (C, d) centres and (C,)
+    whether the class has a reliable pixel."""
+    reliable = labels != IGNORE_INDEX
+    onehot = F.one_hot(torch.where(reliable, labels, 0), num_classes).to(z.dtype)
+    w = onehot * (weights * reliable)[:, None]
+    return F.normalize(w.T @ z, dim=1), (onehot * reliable[:, None]).sum(0) > 0
+
+
+def sample_pixels(reliable: torch.Tensor, hard: torch.Tensor, n: int, hard_fraction: float) -> torch.Tensor:
+    """Indices of at most ``n`` reliable pixels, ``hard_fraction`` of them hard when there are
+    enough (either kind fills in for the other), uniformly at random within each kind."""
+    hard_idx = torch.nonzero(reliable & hard).flatten()
+    easy_idx = torch.nonzero(reliable & ~hard).flatten()
+    n_hard = min(hard_idx.numel(), max(round(n * hard_fraction), n - easy_idx.numel()))
+    n_easy = min(easy_idx.numel(), n - n_hard)
+    hard_idx = hard_idx[torch.randperm(hard_idx.numel(), device=hard_idx.device)[:n_hard]]
+    easy_idx = easy_idx[torch.randperm(easy_idx.numel(), device=easy_idx.device)[:n_easy]]
+    return torch.cat([hard_idx, easy_idx])
+
+
+def group_contrast(anchors: torch.Tensor, anchor_labels: torch.Tensor, centres: torch.Tensor,
+                   has_centre: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of each anchor (M, d) against all existing centres (C, d): the mean over anchors of
+    ``-log(exp(z.c_y / tau) / sum_k exp(z.c_k / tau))``. Anchors whose class has no centre are
+    skipped; no anchor gives 0 (connected to the graph)."""
+    keep = has_centre[anchor_labels] if anchor_labels.numel() else anchor_labels.bool()
+    if not bool(keep.any()):
+        return anchors.sum() * 0.0 + centres.sum() * 0.0
+    logits = (anchors[keep] @ centres.T / temperature).masked_fill(~has_centre[None, :], float("-inf"))
+    return F.cross_entropy(logits, anchor_labels[keep])
+
+
+# ------------------------------------------------------------------------------------------------
+class DSCNet(WSSSCam):
+    """``wsss_cam`` + PGCL + SGCL, coupled as ``dual_stream`` A or B."""
+
+    config_class = DSCNetConfig
+
+    def heads(self, model):
+        cfg = self.cfg
+        return {
+            "pgcl_proj": ProjectionHead(model.decoder_channels, cfg.proj_dim),
+            "sgcl_graph": GraphHead(model.decoder_channels, cfg.proj_dim, self.info.background,
+                                    cfg.background_logit, cfg.detach_node_cams),
+        }
+
+    def graph_stream(self, out, tags):
+        """Node embeddings (N, d) after the GCN, normalised, and the node layout."""
+        present, classes, images = node_layout(tags, self.info.background)
+        h = out["node_embed"].float().reshape(-1, out["node_embed"].shape[-1])
+        with torch.autocast(h.device.type, enabled=False):
+            z = F.normalize(gcn(h, present, out["gcn"]), dim=1)
+        return z, present, classes, images
+
+    def pixel_stream(self, out, weak):
+        """(anchor embeddings, anchor labels, pixel embeddings, pixel labels, pixel weights)."""
+        z = out["embed"].float()  # (B, d, h, w), L2-normalised by the head
+        labels = weak["labels"]
+        if labels.shape[-2:] != z.shape[-2:]:
+            raise ValueError(f"pseudo labels {tuple(labels.shape)} and embeddings {tuple(z.shape)} differ in size")
+        flat_z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        flat_y = labels.reshape(-1)
+        conf = weak["refined"].gather(1, torch.where(labels == IGNORE_INDEX, 0, labels)[:, None])[:, 0]
+        preds = out["logits"].argmax(1).reshape(-1)
+        idx = sample_pixels(flat_y != IGNORE_INDEX, preds != flat_y, self.cfg.pgcl_anchors, self.cfg.pgcl_hard_fraction)
+        return flat_z[idx], flat_y[idx], flat_z, flat_y, conf.reshape(-1)
+
+    def forward(self, out, batch, step):
+        cfg = self.cfg
+        loss, terms, weak = self.weak_terms(out, batch, step)
+        c = self.info.num_classes
+        z_nodes, present, classes, images = self.graph_stream(out, batch["tags"])
+        sgcl = node_contrast(z_nodes, classes, images, present, cfg.temperature)
+        anchors, anchor_labels, z, y, conf = self.pixel_stream(out, weak)
+        if cfg.dual_stream == "B":
+            centres, has = graph_class_embeddings(z_nodes, classes, present, c)
+        else:
+            centres, has = group_centres(z, y, conf, c)
+        if cfg.detach_centres:
+            centres = centres.detach()
+        pgcl = group_contrast(anchors, anchor_labels, centres, has, cfg.temperature)
+        loss = loss + (cfg.pgcl_weight if weak["seg_on"] else 0.0) * pgcl + cfg.sgcl_weight * sgcl
+        terms.update({"pgcl": pgcl.detach(), "sgcl": sgcl.detach()})
+        return loss, terms
