@@ -1,0 +1,429 @@
+"""wsss_cam and DSCNet: CAMs, pooling, PAMR, pseudo labels, PGCL and SGCL against loop oracles,
+the class-aware sampler, and the weak evaluation against scikit-learn."""
+
+from __future__ import annotations
+
+import dscnet_oracle as oracle
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import jaccard_score
+
+from ctxseg.config import make_config
+from ctxseg.data.base import IGNORE_INDEX, DatasetInfo
+from ctxseg.data.synthetic import SYNTHETIC_INFO
+from ctxseg.engine.distributed import DistInfo
+from ctxseg.engine.loader import ClassAwareBatchSampler
+from ctxseg.methods.ce import CEConfig
+from ctxseg.methods.dscnet import (
+    DSCNet,
+    DSCNetConfig,
+    gcn,
+    graph_class_embeddings,
+    group_centres,
+    group_contrast,
+    node_contrast,
+    node_features,
+    node_layout,
+    sample_pixels,
+)
+from ctxseg.methods.wsss import (
+    WSSSCam,
+    WSSSConfig,
+    _without_unlabelled,
+    cam_masks,
+    class_scores,
+    classification_loss,
+    evaluate_weak,
+    pamr,
+    pamr_affinity,
+    pseudo_labels,
+    restrict_to_tags,
+)
+from ctxseg.engine.evaluate import build_model
+from ctxseg.engine.metrics import SegMetrics
+
+VOC_LIKE = DatasetInfo("voc-like", ("background", "a", "b", "c"), ((0, 0, 0),) * 4, background=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CAMs and pooling
+def test_cams_replace_the_background_logit_and_sum_to_one():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 2.0], [1.0, 1.0]]).reshape(1, 3, 1, 2)
+    m = cam_masks(logits, background=0, background_logit=1.0)
+    expected = torch.softmax(torch.tensor([[1.0, 0.0, 1.0], [1.0, 2.0, 1.0]]), 1)  # per pixel
+    assert torch.allclose(m[0, :, 0].T, expected)
+    assert torch.allclose(cam_masks(logits, None, 1.0), logits.softmax(1))
+    assert torch.allclose(m.sum(1), torch.ones(1, 1, 2))
+
+
+def test_ngwp_and_size_penalty_by_hand():
+    # One image, two classes, 2 pixels: masks (0.75, 0.25) and (0.25, 0.75).
+    y = torch.tensor([[[[2.0, -1.0]], [[0.5, 3.0]]]])
+    m = torch.tensor([[[[0.75, 0.25]], [[0.25, 0.75]]]])
+    s = class_scores(y, m, eps=1.0, p=3.0, lam=0.01)
+    pooled0 = (0.75 * 2.0 + 0.25 * -1.0) / (1.0 + 1.0)
+    pooled1 = (0.25 * 0.5 + 0.75 * 3.0) / (1.0 + 1.0)
+    penalty = (1 - 0.5) ** 3 * np.log(0.01 + 0.5)
+    assert s[0].tolist() == pytest.approx([pooled0 + penalty, pooled1 + penalty], abs=1e-6)
+    # Against the loop oracle on random input.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    m = y.softmax(1)
+    assert torch.allclose(class_scores(y, m, 1.0, 3.0, 0.01), oracle.class_scores(y, m, 1.0, 3.0, 0.01), atol=1e-10)
+
+
+def test_classification_loss_never_asks_for_the_background():
+    scores = torch.tensor([[-9.0, 3.0, -3.0, 1.0]])
+    tags = torch.tensor([[0.0, 1.0, 0.0, 1.0]])  # background untagged: must not matter
+    got = classification_loss(scores, tags, background=0)
+    expected = F.multilabel_soft_margin_loss(scores[:, 1:], tags[:, 1:])
+    assert torch.allclose(got, expected)
+    assert not torch.allclose(classification_loss(scores, tags, None), expected)
+
+
+def test_restrict_to_tags_keeps_background():
+    masks = torch.full((1, 4, 2, 2), 0.25)
+    out = restrict_to_tags(masks, torch.tensor([[0.0, 0.0, 1.0, 0.0]]), background=0)
+    assert out[0, :, 0, 0].tolist() == [0.25, 0.0, 0.25, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# PAMR
+def test_pamr_keeps_a_constant_image_with_constant_masks_unchanged():
+    image = torch.full((2, 3, 9, 11), 0.3)
+    masks = torch.tensor([0.6, 0.3, 0.1])[None, :, None, None].expand(2, 3, 9, 11).contiguous()
+    out = pamr(image, masks, dilations=(1, 2, 4), iters=10)
+    assert torch.allclose(out, masks, atol=1e-6)
+    w = pamr_affinity(image, (1, 2, 4))
+    assert torch.allclose(w, torch.full_like(w, 1 / 24))  # no edge: uniform over neighbours
+
+
+def test_pamr_sharpens_a_step_edge():
+    h, w = 8, 16
+    image = torch.zeros(1, 3, h, w)
+    image[..., w // 2 :] = 1.0
+    image += 0.01 * torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    ramp = torch.linspace(0.0, 1.0, w).expand(h, w)  # a blurred mask of the right half
+    masks = torch.stack([1 - ramp, ramp])[None]
+    out = pamr(image, masks, dilations=(1, 2, 4), iters=10)
+    truth = (torch.arange(w) >= w // 2).float().expand(h, w)
+    # Within a side the masks pool towards the side's mean; across the edge they jump.
+    jump = out[0, 1, :, w // 2] - out[0, 1, :, w // 2 - 1]
+    assert (jump > 0.5).all() and (masks[0, 1, :, w // 2] - masks[0, 1, :, w // 2 - 1] < 0.1).all()
+    assert (out[0, 1] - truth).abs().mean() < 0.6 * (masks[0, 1] - truth).abs().mean()
+    assert torch.allclose(out.sum(1), torch.ones(1, h, w), atol=1e-5)  # still a distribution
+    # The refined mask crosses 0.5 at the image's edge.
+    assert (out[0, 1, :, : w // 2] < 0.5).all() and (out[0, 1, :, w // 2 :] > 0.5).all()
+
+
+def test_pamr_equals_the_loop_oracle_and_resizes_the_image_to_the_masks():
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, 5, 6, generator=g)
+    masks = torch.rand(2, 3, 5, 6, generator=g).softmax(1)
+    got = pamr(image, masks, dilations=(1, 2), iters=3, temperature=0.1)
+    assert torch.allclose(got.double(), oracle.pamr(image, masks, (1, 2), 3, 0.1), atol=1e-5)
+    big = F.interpolate(image, size=(10, 12), mode="nearest")
+    resized = F.interpolate(big, size=(5, 6), mode="bilinear", align_corners=False)
+    assert torch.allclose(pamr(big, masks, (1, 2), 3), pamr(resized, masks, (1, 2), 3))
+
+
+def test_pseudo_labels_by_hand_and_oracle():
+    # pixel 0: clear winner; 1: ambiguous (0.45 vs 0.40); 2: too weak (0.15); 3: class 2 wins.
+    m = torch.tensor([[0.8, 0.45, 0.15, 0.1], [0.1, 0.40, 0.10, 0.2], [0.1, 0.15, 0.05, 0.7]])[None, :, None]
+    assert pseudo_labels(m, 0.2, 0.6)[0, 0].tolist() == [0, IGNORE_INDEX, IGNORE_INDEX, 2]
+    g = torch.Generator().manual_seed(2)
+    m = torch.rand(2, 4, 3, 5, generator=g)
+    assert torch.equal(pseudo_labels(m, 0.3, 0.7), oracle.pseudo_labels(m, 0.3, 0.7))
+
+
+# ------------------------------------------------------------------------------------------------
+# PGCL and SGCL against the oracles
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_group_centres_and_contrast_equal_the_oracle_with_gradients():
+    z = F.normalize(_rand(40, 6), dim=1).requires_grad_()
+    labels = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(3))
+    labels[::7] = IGNORE_INDEX
+    labels[labels == 2] = 1  # class 2 has no reliable pixel
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    centres, has = group_centres(z, labels, weights, 4)
+    ref_c, ref_has = oracle.group_centres(z, labels, weights, 4)
+    assert torch.equal(has, ref_has) and has.tolist() == [True, True, False, True]
+    assert torch.allclose(centres, ref_c, atol=1e-10)
+
+    idx = torch.tensor([0, 3, 5, 8, 11, 13, 20, 39])
+    idx = idx[labels[idx] != IGNORE_INDEX]
+    loss = group_contrast(z[idx], labels[idx], centres, has, 0.1)
+    ref = oracle.group_contrast(z[idx], labels[idx], ref_c, ref_has, 0.1)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    (g,) = torch.autograd.grad(loss, z)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    assert torch.isfinite(g).all() and torch.allclose(g, g_ref, atol=1e-5)
+
+
+def test_graph_stream_equals_the_oracle_with_gradients():
+    b, c, d = 3, 4, 5
+    tags = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.float64)
+    present, classes, images = node_layout(tags, background=None)
+    h = _rand(b * c, d, seed=5).requires_grad_()
+    layers = torch.nn.ModuleList([torch.nn.Linear(d, d), torch.nn.Linear(d, d)]).double()
+    g = gcn(h, present, layers)
+    ref = oracle.gcn(h, present, layers[0].weight, layers[0].bias, layers[1].weight, layers[1].bias)
+    assert torch.allclose(g[present], ref[present], atol=1e-10)
+    assert torch.count_nonzero(g[~present]) == 0  # absent nodes have no edges
+
+    z = F.normalize(g, dim=1)
+    loss = node_contrast(z, classes, images, present, 0.1)
+    ref_loss = oracle.node_contrast(F.normalize(ref, dim=1), classes, images, present, 0.1)
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+    params = [h, *layers.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    for a, r in zip(grads, ref_grads):
+        assert torch.isfinite(a).all() and torch.allclose(a, r, atol=1e-5)
+
+
+def test_background_is_a_node_of_every_image():
+    present, classes, images = node_layout(torch.tensor([[0.0, 1.0, 0.0, 0.0]]), background=0)
+    assert present.tolist() == [True, True, False, False]
+    assert classes.tolist() == [0, 1, 2, 3] and images.tolist() == [0, 0, 0, 0]
+
+
+def test_sgcl_is_zero_and_finite_when_no_two_images_share_a_class():
+    tags = torch.eye(4)[:3]  # images tagged with classes 0, 1, 2: nothing shared
+    present, classes, images = node_layout(tags, background=None)
+    h = _rand(12, 5, seed=6).float().requires_grad_()
+    layers = torch.nn.ModuleList([torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)])
+    loss = node_contrast(F.normalize(gcn(h, present, layers), dim=1), classes, images, present, 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and all(torch.isfinite(p.grad).all() for p in layers.parameters())
+    # One image alone: no other node at all.
+    present1, classes1, images1 = node_layout(torch.tensor([[1.0, 0.0]]), background=None)
+    z = F.normalize(torch.randn(2, 3), dim=1).requires_grad_()
+    loss = node_contrast(z, classes1, images1, present1, 0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
+
+
+def test_node_features_are_cam_weighted_means():
+    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    masks = torch.zeros(2, 2, 2, 2)
+    masks[:, 0, 0, 0] = 1.0
+    masks[:, 1] = 0.5
+    out = node_features(feats, masks, eps=0.0)
+    assert torch.allclose(out[:, 0], feats[:, :, 0, 0])
+    assert torch.allclose(out[:, 1], feats.mean((2, 3)))
+
+
+def test_graph_class_embeddings_average_a_class_nodes():
+    z = F.normalize(_rand(6, 4, seed=7), dim=1)
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    present = torch.tensor([True, True, False, True, False, False])
+    emb, has = graph_class_embeddings(z, classes, present, 3)
+    assert has.tolist() == [True, True, False]
+    assert torch.allclose(emb[0], F.normalize(z[0] + z[3], dim=0)) and torch.allclose(emb[1], z[1])
+
+
+def test_anchor_sampling_takes_half_hard_and_fills_in():
+    reliable = torch.ones(100, dtype=torch.bool)
+    reliable[:10] = False
+    hard = torch.zeros(100, dtype=torch.bool)
+    hard[5:30] = True  # 20 reliable hard pixels (10..29), 70 easy
+    torch.manual_seed(0)
+    idx = sample_pixels(reliable, hard, 32, 0.5)
+    assert len(idx) == len(set(idx.tolist())) == 32 and reliable[idx].all()
+    assert int(hard[idx].sum()) == 16
+    idx = sample_pixels(reliable, hard, 60, 0.5)  # only 20 hard: easy fills in
+    assert int(hard[idx].sum()) == 20 and len(idx) == 60
+    idx = sample_pixels(reliable, hard, 1000, 0.5)  # fewer reliable pixels than the budget
+    assert sorted(idx.tolist()) == list(range(10, 100))
+    assert sample_pixels(torch.zeros(5, dtype=torch.bool), hard[:5], 8, 0.5).numel() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The methods end to end on a batch
+def _batch_and_out(method, model, seed=0, b=4, size=32):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(b, 3, size, size, generator=g)
+    model.train()
+    out = model(image)
+    tags = torch.zeros(b, method.info.num_classes)
+    tags[:, 1] = 1
+    tags[0, 2] = tags[1, 2] = tags[2, 3] = 1
+    mask = torch.randint(0, method.info.num_classes, (b, size, size), generator=g)
+    return out, {"image": image, "tags": tags, "mask": mask}
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_dscnet_terms_equal_the_oracles(variant):
+    torch.manual_seed(0)
+    cfg = make_config(DSCNetConfig, encoder="test_resnet", iters=10, dual_stream=variant, pgcl_anchors=64,
+                      seg_warmup=0.0)
+    method = DSCNet(cfg, VOC_LIKE, 10)
+    model = build_model(cfg, VOC_LIKE.num_classes, heads=method.heads)
+    out, batch = _batch_and_out(method, model)
+    torch.manual_seed(1)
+    loss, terms = method(out, batch, step=5)
+    assert torch.isfinite(loss)
+    assert set(terms) == {"cls", "seg", "pseudo_coverage", "pgcl", "sgcl"}
+
+    # Recompute every piece with the oracles (same anchors: same RNG state).
+    _, _, weak = method.weak_terms(out, batch, 5)
+    torch.manual_seed(1)
+    anchors, anchor_labels, z, y, conf = method.pixel_stream(out, weak)
+    present, classes, images = node_layout(batch["tags"], 0)
+    h = out["node_embed"].double().reshape(-1, cfg.proj_dim)
+    layers = out["gcn"]
+    nodes = F.normalize(oracle.gcn(h, present, *(p.double() for p in (
+        layers[0].weight, layers[0].bias, layers[1].weight, layers[1].bias))), dim=1)
+    sgcl = oracle.node_contrast(nodes, classes, images, present, 0.1)
+    assert terms["sgcl"].item() == pytest.approx(sgcl.item(), abs=1e-5)
+    if variant == "A":
+        centres, has = oracle.group_centres(z.double(), y, conf.double(), 4)
+    else:
+        onehot = [[u for u in range(len(classes)) if present[u] and classes[u] == k] for k in range(4)]
+        has = torch.tensor([bool(o) for o in onehot])
+        centres = torch.stack([F.normalize(nodes[o].sum(0), dim=0) if o else torch.zeros(cfg.proj_dim,
+                              dtype=torch.float64) for o in onehot])
+    pgcl = oracle.group_contrast(anchors.double(), anchor_labels, centres, has, 0.1)
+    assert terms["pgcl"].item() == pytest.approx(pgcl.item(), abs=1e-5)
+    assert len(anchors) == min(64, int((weak["labels"] != IGNORE_INDEX).sum()))
+
+    loss.backward()
+    for name, p in model.named_parameters():  # every head in the graph (DDP needs it)
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_weak_loss_never_reads_the_pixel_labels():
+    torch.manual_seed(0)
+    cfg = make_config(DSCNetConfig, encoder="test_resnet", iters=10, seg_warmup=0.0)
+    method = DSCNet(cfg, SYNTHETIC_INFO, 10)
+    model = build_model(cfg, 8, heads=method.heads)
+    out, batch = _batch_and_out(method, model)
+    torch.manual_seed(3)
+    a, _ = method(out, batch, 5)
+    torch.manual_seed(3)
+    b, _ = method(out, {**batch, "mask": torch.full_like(batch["mask"], IGNORE_INDEX)}, 5)
+    assert a.item() == b.item()
+
+
+def test_segmentation_loss_waits_for_the_warmup():
+    cfg = make_config(WSSSConfig, encoder="test_resnet", iters=24)
+    method = WSSSCam(cfg, SYNTHETIC_INFO, 24)
+    assert method.warmup_steps == 5  # ceil(5/24 * 24)
+    model = build_model(cfg, 8)
+    out, batch = _batch_and_out(method, model)
+    before, terms = method(out, batch, 4)
+    after, _ = method(out, batch, 5)
+    assert before.item() == pytest.approx(terms["cls"].item())
+    assert after.item() == pytest.approx((terms["cls"] + terms["seg"]).item(), rel=1e-6)
+
+
+def test_dscnet_heads_are_dropped_from_the_deployed_model():
+    cfg = make_config(DSCNetConfig, encoder="test_resnet", iters=10)
+    method = DSCNet(cfg, SYNTHETIC_INFO, 10)
+    model = build_model(cfg, 8, heads=method.heads)
+    ce = build_model(make_config(CEConfig, encoder="test_resnet", iters=10), 8)
+    assert len(model.heads) == 2
+    deployed = model.deploy_state_dict()
+    assert deployed.keys() == ce.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("seg_warmup", 1.5), ("pamr_dilations", [0, 1]), ("pseudo_ambiguity", 0.0), ("dual_stream", "C"),
+     ("pgcl_hard_fraction", 2.0), ("temperature", 0.0), ("batch_sampler", "balanced")],
+)
+def test_config_errors_name_the_setting(key, value):
+    cfg = make_config(DSCNetConfig, iters=10, **{key: value})
+    with pytest.raises(ValueError, match=key):
+        cfg.validate()
+
+
+def test_dilations_take_any_length_from_the_command_line():
+    cfg = make_config(WSSSConfig, pamr_dilations="1, 3")
+    assert cfg.pamr_dilations == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class-aware batches
+def _epoch(sampler, epoch=0):
+    sampler.set_epoch(epoch)
+    return [[i for i, _ in batch] for batch in sampler]
+
+
+def test_class_aware_batches_pair_images_that_share_a_class():
+    g = torch.Generator().manual_seed(0)
+    tags = torch.zeros(60, 6)
+    tags[torch.arange(60), torch.randint(1, 6, (60,), generator=g)] = 1  # one class each
+    tags[:, 0] = 1  # the background: in every image, never a key class
+    s = ClassAwareBatchSampler(tags, 6, seed=0, group_size=2, background=0)
+    batches = _epoch(s)
+    seen = sorted(i for b in batches for i in b)
+    assert seen == list(range(60))
+    fg = tags[:, 1:].argmax(1)
+    # All but at most one image per class (odd group sizes) have a partner of the same class in
+    # their batch.
+    alone = sum(int((fg[b] == fg[i]).sum()) == 1 for b in batches for i in b)
+    assert alone <= 5
+    shuffled = _epoch(ClassAwareBatchSampler(tags, 6, seed=0, group_size=2))  # background may be key
+    assert seen == sorted(i for b in shuffled for i in b)
+    # With random batches nearly every image is alone with its class.
+    assert _epoch(s, 1) != batches and _epoch(s, 0) == batches
+
+
+def test_class_aware_batches_are_world_size_and_resume_invariant():
+    tags = (torch.rand(40, 5, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    one = _epoch(ClassAwareBatchSampler(tags, 4, seed=3))
+    ranks = [ClassAwareBatchSampler(tags, 4, seed=3, dist=DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    two = [a + b for a, b in zip(_epoch(ranks[0]), _epoch(ranks[1]))]
+    assert one == two
+    resumed = ClassAwareBatchSampler(tags, 4, seed=3)
+    resumed.set_epoch(0, 4)
+    assert [[i for i, _ in b] for b in resumed] == one[4:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+class _Oracle(torch.nn.Module):
+    """A 'model' whose logits are the one-hot ground truth (scaled), at the label resolution."""
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks = masks
+
+    def forward(self, image, with_heads=False):
+        m = self.masks[: image.shape[0]]
+        return {"logits": 10.0 * F.one_hot(m.clamp_max(7), 8).permute(0, 3, 1, 2).float()}
+
+
+def test_unlabelled_pseudo_pixels_count_as_misses_like_sklearn():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (3, 10, 10), generator=g)
+    pred = torch.randint(0, 5, (3, 10, 10), generator=g)  # 4 = unlabelled
+    m = SegMetrics(5, class_names=["a", "b", "c", "d", "unlabelled"])
+    m.update(pred, target)
+    got = _without_unlabelled(m.compute(), ["a", "b", "c", "d"])
+    ref = jaccard_score(target.flatten(), pred.flatten(), labels=[0, 1, 2, 3], average=None)
+    assert list(got["per_class_iou"].values()) == pytest.approx(ref.tolist())
+    assert got["miou"] == pytest.approx(ref.mean())
+
+
+def test_evaluate_weak_on_perfect_cams():
+    from ctxseg.data.synthetic import SyntheticScenes
+
+    ds = SyntheticScenes("train", length=4, size=(48, 48))
+    items = [ds[i] for i in range(4)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "mask", "tags")}
+    cfg = make_config(WSSSConfig, iters=1)
+    result = evaluate_weak(_Oracle(batch["mask"]), [batch], cfg, SYNTHETIC_INFO, torch.device("cpu"),
+                           progress=False)
+    assert result["cam"]["miou"] == pytest.approx(1.0)
+    assert result["protocol"] == {"split": "train", "scales": [1.0], "flip": False, "crf": False}
+    pseudo = result["pseudo"]
+    assert 0.5 < pseudo["coverage"] <= 1.0 and pseudo["miou"] <= 1.0 and pseudo["split"] == "train"
