@@ -1,4 +1,4 @@
-"""Command line: ``python -m ctxseg train | eval | export | demo``.
+"""Command line: ``python -m ctxseg train | eval | export | demo | download``.
 
 The flags below are a stable interface: people and outside checks script against them.
 Every field of the method's config dataclass can also be set with ``--set KEY=VALUE``
@@ -75,6 +75,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--boundary-px", type=int, default=None, help="boundary-IoU tolerance (default: training's)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--weak-split", default="train", choices=["train", "val", "test"],
+                   help="weakly supervised models: split for CAM and pseudo-label mIoU (the field's "
+                   "protocol: the training images)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
 
@@ -117,7 +120,7 @@ def cmd_train(args) -> int:
     result = trainer.fit()
     cleanup()
     if trainer.dist.is_main:
-        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+        print(json.dumps({**{k: v for k, v in result.items() if not isinstance(v, dict)}, **result.get("wsss", {})}))
     return 0
 
 
@@ -140,6 +143,13 @@ def cmd_eval(args) -> int:
     result.update(
         {"data": data, "split": args.split, "checkpoint": meta["path"], "method": cfg.method, "step": meta["step"]}
     )
+    from ctxseg.methods.wsss import WSSSConfig, evaluate_weak, weak_summary
+
+    if isinstance(cfg, WSSSConfig):
+        weak_ds = eval_dataset(cfg, args.weak_split, data, args.data_root)
+        result.update(evaluate_weak(model, eval_loader(weak_ds, bs, args.num_workers), cfg, ds.info, device,
+                                    args.weak_split, progress=args.progress))
+        result["wsss"] = weak_summary(result)
     print(json.dumps(result))
     return 0
 

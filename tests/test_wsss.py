@@ -14,7 +14,9 @@ from ctxseg.config import make_config
 from ctxseg.data.base import IGNORE_INDEX, DatasetInfo
 from ctxseg.data.synthetic import SYNTHETIC_INFO
 from ctxseg.engine.distributed import DistInfo
+from ctxseg.engine.evaluate import build_model
 from ctxseg.engine.loader import ClassAwareBatchSampler
+from ctxseg.engine.metrics import SegMetrics
 from ctxseg.methods.ce import CEConfig
 from ctxseg.methods.dscnet import (
     DSCNet,
@@ -41,8 +43,6 @@ from ctxseg.methods.wsss import (
     pseudo_labels,
     restrict_to_tags,
 )
-from ctxseg.engine.evaluate import build_model
-from ctxseg.engine.metrics import SegMetrics
 
 VOC_LIKE = DatasetInfo("voc-like", ("background", "a", "b", "c"), ((0, 0, 0),) * 4, background=0)
 

@@ -263,7 +263,8 @@ class Trainer:
         self.save_checkpoint()
         result = self.run_eval()
         self._log({"step": self.step, "split": cfg.eval_split, **_summary(result)})
-        result.update(self.method.final_metrics(self.model, self.device, self.dist, self.progress))
+        result["split"] = cfg.eval_split
+        result.update(self.method.final_metrics(self.model, self.device, self.dist, result, self.progress))
         if self.dist.is_main:
             export_safetensors(self.model, cfg, self.info.class_names, self.run_dir / "model.safetensors", self.step)
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))

@@ -47,8 +47,8 @@ class Method(nn.Module):
         only on logging steps so that a GPU run does not synchronise every step."""
         raise NotImplementedError
 
-    def final_metrics(self, model, device, dist, progress: bool = True) -> dict:
-        """Metrics beyond the segmentation evaluation, merged into the run's final ``eval.json``
+    def final_metrics(self, model, device, dist, seg: dict, progress: bool = True) -> dict:
+        """Metrics beyond the segmentation evaluation ``seg``, merged into the run's final ``eval.json``
         (weakly supervised methods: CAM and pseudo-label quality on the training images).
         Called on every rank (it may all-reduce); none by default."""
         return {}

@@ -145,12 +145,18 @@ def restrict_to_tags(masks: torch.Tensor, tags: torch.Tensor, background: int | 
 
 # ------------------------------------------------------------------------------------------------
 # PAMR
-def _neighbours(x: torch.Tensor, d: int) -> torch.Tensor:
-    """(B, C, 8, H, W): the 8 neighbours at dilation ``d`` of every pixel, replicate-padded."""
-    b, c, h, w = x.shape
-    cols = F.unfold(F.pad(x, (d, d, d, d), mode="replicate"), 3, dilation=d)
-    cols = cols.view(b, c, 9, h, w)
-    return torch.cat([cols[:, :, :4], cols[:, :, 5:]], 2)  # drop the centre
+def _offsets(dilations) -> list[tuple[int, int]]:
+    """The 8 neighbour offsets (dy, dx) of each dilation, in dilation order."""
+    return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
+
+def _shifted(x: torch.Tensor, dilations):
+    """Views of the replicate-padded ``x`` (B, C, H, W), one per neighbour offset: entry k at
+    (i, j) is x at (i + dy_k, j + dx_k), clamped to the image."""
+    h, w = x.shape[-2:]
+    p = max(dilations)
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    return [padded[..., p + dy : p + dy + h, p + dx : p + dx + w] for dy, dx in _offsets(dilations)]
 
 
 def pamr_affinity(image: torch.Tensor, dilations=(1, 2, 4, 8, 12, 24), temperature: float = 0.1) -> torch.Tensor:
@@ -160,7 +166,7 @@ def pamr_affinity(image: torch.Tensor, dilations=(1, 2, 4, 8, 12, 24), temperatu
     per-channel standard deviation of pixel i's neighbours, and the weights are the softmax of
     kappa over the neighbours: pixels that look alike pass each other their masks."""
     image = image.float()
-    nb = torch.cat([_neighbours(image, d) for d in dilations], 2)  # (B, 3, K, H, W)
+    nb = torch.stack(_shifted(image, dilations), 2)  # (B, 3, K, H, W)
     std = nb.std(2, unbiased=False, keepdim=True)
     kappa = -(image[:, :, None] - nb).abs() / (temperature * std + 1e-8)
     return kappa.mean(1).softmax(1)
@@ -174,12 +180,12 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, dilations=(1, 2, 4, 8, 12, 24
     masks' grid first, so the refinement runs at the mask resolution, on the masks' device."""
     if image.shape[-2:] != masks.shape[-2:]:
         image = F.interpolate(image.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    weights = pamr_affinity(image, dilations, temperature)  # (B, K, H, W)
+    weights = pamr_affinity(image, dilations, temperature)[:, None]  # (B, 1, K, H, W)
     masks = masks.float()
     for _ in range(iters):
         out = torch.zeros_like(masks)
-        for k, d in enumerate(dilations):  # one dilation at a time: (B, C, 8, H, W) in memory
-            out += torch.einsum("bckhw,bkhw->bchw", _neighbours(masks, d), weights[:, 8 * k : 8 * k + 8])
+        for k, view in enumerate(_shifted(masks, dilations)):
+            out.addcmul_(view, weights[:, :, k])
         masks = out
     return masks
 
@@ -239,7 +245,7 @@ class WSSSCam(Method):
         loss, terms, _ = self.weak_terms(out, batch, step)
         return loss, terms
 
-    def final_metrics(self, model, device, dist, progress: bool = True) -> dict:
+    def final_metrics(self, model, device, dist, seg: dict, progress: bool = True) -> dict:
         from ctxseg.engine.evaluate import eval_dataset
         from ctxseg.engine.loader import eval_loader
 
@@ -315,3 +321,12 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
     for r in (cam, pseudo):
         r["split"] = split
     return {"cam": cam, "pseudo": pseudo, "protocol": {"split": split, "scales": [1.0], "flip": False, "crf": False}}
+
+
+def weak_summary(result: dict) -> dict:
+    """The three numbers of the field's protocol from a WSSS evaluation, with their splits."""
+    return {
+        "cam_miou": result["cam"]["miou"], "pseudo_miou": result["pseudo"]["miou"], "seg_miou": result["miou"],
+        "pseudo_coverage": result["pseudo"]["coverage"], "cam_split": result["cam"]["split"],
+        "seg_split": result.get("split"), **{k: v for k, v in result["protocol"].items() if k != "split"},
+    }
