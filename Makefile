@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_pixel_contrast.py
 	$(PY) benchmarks/bench_metrics.py
+	$(PY) benchmarks/bench_wsss.py
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

@@ -21,9 +21,18 @@ def run_bench(script, *args):
 def test_train_step_benchmark_reports_every_method_against_ce():
     out = run_bench("bench_train_step.py", "--encoder", "test_resnet", "--size", "64", "64", "--batch-size", "2",
                     "--warmup", "0", "--repeats", "1", "--methods", "ce", "pixel_contrast",
-                    "pixel_contrast:memory=true,memory_size=20", "contextrast", "contextrast:bane=false")
-    rows = [line for line in out.splitlines() if line.startswith(("ce ", "pixel_contrast", "contextrast"))]
-    assert len(rows) == 5 and all(line.count("x") >= 2 for line in rows), out
+                    "pixel_contrast:memory=true,memory_size=20", "contextrast", "contextrast:bane=false",
+                    "wsss_cam", "dscnet", "dscnet:dual_stream=B")
+    names = ("ce ", "pixel_contrast", "contextrast", "wsss_cam", "dscnet")
+    rows = [line for line in out.splitlines() if line.startswith(names)]
+    assert len(rows) == 8 and all(line.count("x") >= 2 for line in rows), out
+
+
+def test_wsss_benchmark_reports_cam_and_pamr_against_the_forward_pass():
+    out = run_bench("bench_wsss.py", "--encoder", "test_resnet", "--size", "32", "32", "--batch-size", "2",
+                    "--classes", "4", "--background", "--warmup", "0", "--repeats", "1", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("segmenter", "CAM"))]
+    assert len(rows) == 3 and all(line.rstrip().endswith("x") for line in rows), out
 
 
 def test_pixel_contrast_benchmark_compares_three_variants():

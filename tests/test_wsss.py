@@ -427,3 +427,31 @@ def test_evaluate_weak_on_perfect_cams():
     assert result["protocol"] == {"split": "train", "scales": [1.0], "flip": False, "crf": False}
     pseudo = result["pseudo"]
     assert 0.5 < pseudo["coverage"] <= 1.0 and pseudo["miou"] <= 1.0 and pseudo["split"] == "train"
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_and_eval_cli_report_cam_pseudo_and_seg_miou_with_their_splits(tmp_path):
+    import json
+
+    from conftest import TINY_TRAIN, run_ctxseg
+
+    out = tmp_path / "run"
+    res = run_ctxseg(["train", "--method", "dscnet", *TINY_TRAIN, "--iters", "4", "--out", str(out), "--no-progress",
+                      "--set", "num_workers=0", "--set", "seg_warmup=0.5"])
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"cam_miou", "pseudo_miou", "seg_miou", "cam_split", "seg_split"} <= printed.keys()
+    trained = json.loads((out / "eval.json").read_text())
+    assert trained["cam"]["split"] == "train" and trained["split"] == "val"
+    assert trained["cam"]["num_pixels"] == 32 * 64 * 64  # the run's 32 training images, all pixels
+
+    res = run_ctxseg(["eval", "--checkpoint", str(out), "--split", "val", "--num-workers", "0"])
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    summary = result["wsss"]
+    assert summary["cam_split"] == "train" and summary["seg_split"] == "val" and summary["crf"] is False
+    assert summary["cam_miou"] == pytest.approx(trained["cam"]["miou"], abs=1e-9)
+    assert summary["pseudo_miou"] == pytest.approx(trained["pseudo"]["miou"], abs=1e-9)
+    assert summary["seg_miou"] == pytest.approx(trained["miou"], abs=1e-9)
+    assert 0.0 <= result["pseudo"]["coverage"] <= 1.0

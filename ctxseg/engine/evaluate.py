@@ -36,6 +36,8 @@ def eval_dataset(cfg: TrainConfig, split: str, data: str | None = None, root: st
     on another dataset/root with the same classes."""
     data = data or cfg.data
     kw = {"size": tuple(cfg.synthetic_size)} if data == "synthetic" else {}
+    if data == "synthetic" and split == "train":
+        kw["length"] = cfg.synthetic_train_len  # the images the run trained on
     root = root or (cfg.data_root if data == cfg.data else None)
     return build_dataset(data, split, root, eval_transform(), **kw)
 

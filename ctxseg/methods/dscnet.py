@@ -114,13 +114,17 @@ def node_features(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6
 
 # ------------------------------------------------------------------------------------------------
 # SGCL
-def gcn(h: torch.Tensor, present: torch.Tensor, layers) -> torch.Tensor:
-    """Two GCN layers over the present nodes: ``A (relu(A (h W1 + b1)) W2 + b2)``, with edges
-    ``A = D^-1/2 relu(cos(h_u, h_v)) D^-1/2`` between present nodes (self-loops: cos = 1).
-    Absent nodes have no edges and come out as 0. h (N, d), present (N,) bool."""
+def edge_weights(h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(N, N) edges ``relu(cos(h_u, h_v))`` between present nodes (self-loops: cos = 1), else 0."""
     hn = F.normalize(h, dim=1)
-    both = present[:, None] & present[None, :]
-    adj = (hn @ hn.T).clamp_min(0) * both
+    return (hn @ hn.T).clamp_min(0) * (present[:, None] & present[None, :])
+
+
+def gcn(h: torch.Tensor, present: torch.Tensor, layers) -> torch.Tensor:
+    """Two GCN layers over the present nodes: ``A (relu(A (h W1 + b1)) W2 + b2)``, with
+    ``A = D^-1/2 E D^-1/2`` for the edges E of ``edge_weights``. Absent nodes have no edges and
+    come out as 0. h (N, d), present (N,) bool."""
+    adj = edge_weights(h, present)
     deg = adj.sum(1)
     dinv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), 0.0)
     a_hat = dinv[:, None] * adj * dinv[None, :]

@@ -251,7 +251,9 @@ class WSSSCam(Method):
 
         data = eval_dataset(self.cfg, "train")
         loader = eval_loader(data, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), dist)
-        return evaluate_weak(model, loader, self.cfg, self.info, device, "train", progress)
+        result = evaluate_weak(model, loader, self.cfg, self.info, device, "train", progress)
+        result["wsss"] = weak_summary({**seg, **result})
+        return result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -485,3 +485,119 @@ def plot_anchor_similarity(anchors: Sequence[torch.Tensor], present: Sequence[to
         ax.set_title(f"{title}stage {i + 1}: mean off-diagonal {mean_off}", fontsize=9)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="cosine similarity")
     return fig
+
+
+def _colorize_with_ignore(labels, info: DatasetInfo) -> np.ndarray:
+    return info.colorize(labels)  # 255 (ignored) maps to black
+
+
+def show_cams(image: torch.Tensor, mask: torch.Tensor, cam: torch.Tensor, refined: torch.Tensor,
+              pseudo: torch.Tensor, cls: int, info: DatasetInfo, threshold: float = 0.2, axes=None):
+    """One image through the weakly supervised pipeline, for class ``cls``: the ground truth,
+    the raw CAM, the PAMR-refined CAM (each with its ``threshold`` contour), and the pseudo label
+    (ignored pixels black). Maps on the CAM grid are drawn over the full-resolution image.
+
+    Args:
+        image, mask: the sample, (3, H, W) normalised and (H, W).
+        cam, refined: (C, h, w) masks (tag-restricted for ``refined``).
+        pseudo: (h, w) pseudo label with 255 = ignored.
+        cls: the class whose CAMs are shown.
+        threshold: the level drawn as a contour.
+        axes: four matplotlib axes (default: a new 1 x 4 figure).
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), layout="constrained")
+    fig = axes[0].figure
+    H, W = mask.shape[-2:]
+    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
+    rgb = denormalize(image).permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+    name = info.class_names[cls]
+    axes[0].imshow(overlay(image, mask, info, alpha=0.55))
+    axes[0].set_title("ground truth (not used in training)", fontsize=9)
+    for ax, maps, what in ((axes[1], cam, "raw CAM"), (axes[2], refined, "refined CAM (PAMR)")):
+        m = maps[cls].detach().float().cpu().numpy()
+        ax.imshow(rgb.mean(-1), cmap="gray")
+        im = ax.imshow(m, cmap="jet", alpha=0.55, vmin=0, vmax=1, extent=extent)
+        if m.max() > threshold > m.min():
+            ys = np.linspace(0, H - 1, m.shape[0])
+            xs = np.linspace(0, W - 1, m.shape[1])
+            ax.contour(xs, ys, m, levels=[threshold], colors="white", linewidths=1.2)
+        ax.set_title(f"{what}: {name} (max {m.max():.2f})", fontsize=9)
+    fig.colorbar(im, ax=axes[1:3], shrink=0.8, label=f"mask value (contour at {threshold:.2f})")
+    axes[3].imshow(rgb)
+    axes[3].imshow(_colorize_with_ignore(pseudo.cpu().numpy(), info), alpha=0.75, extent=extent)
+    covered = float((pseudo != 255).float().mean())
+    axes[3].set_title(f"pseudo label ({100 * covered:.0f}% labelled, black: ignored)", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    return fig
+
+
+def plot_semantic_graph(weights: torch.Tensor, present: torch.Tensor, num_images: int, info: DatasetInfo,
+                        min_weight: float = 0.5, ax=None):
+    """The semantic graph of a batch: one node per (image, class) present, placed at column =
+    image and row = class; an edge for every pair whose weight (cosine similarity, ReLU'd) reaches
+    ``min_weight``, darker when stronger. Green edges join the same class in two images (the
+    positives of the node contrast), red edges different classes.
+
+    Args:
+        weights: (N, N) edge weights of the N = num_images * C nodes, in (image, class) order.
+        present: (N,) which nodes exist.
+    """
+    fig, ax = _figure(ax, (1.2 * num_images + 2.5, 0.45 * info.num_classes + 1.5))
+    c = info.num_classes
+    w = weights.detach().float().cpu().numpy()
+    p = present.cpu().numpy().astype(bool)
+    xs = np.repeat(np.arange(num_images), c)
+    ys = np.tile(np.arange(c), num_images)
+    cls = ys
+    pairs = np.argwhere(np.triu(w >= min_weight, 1) & p[:, None] & p[None, :])
+    n_pos = 0
+    for u, v in pairs:
+        same = cls[u] == cls[v]
+        n_pos += int(same)
+        # Curve edges within one column so they do not hide behind the nodes.
+        bend = 0.35 if xs[u] == xs[v] else 0.0
+        mx, my = (xs[u] + xs[v]) / 2 + bend * abs(ys[u] - ys[v]) / c * 3, (ys[u] + ys[v]) / 2
+        ax.plot([xs[u], mx, xs[v]], [ys[u], my, ys[v]], color="tab:green" if same else "tab:red",
+                alpha=float(min(1.0, 0.15 + 0.85 * (w[u, v] - min_weight) / max(1e-6, 1 - min_weight))), lw=1.2,
+                zorder=1)
+    colours = np.asarray(info.palette, dtype=float)[cls[p]] / 255
+    ax.scatter(xs[p], ys[p], s=160, c=colours, edgecolors="black", zorder=2)
+    ax.set_xticks(range(num_images), [f"img {i}" for i in range(num_images)], fontsize=8)
+    ax.set_yticks(range(c), info.class_names, fontsize=8)
+    ax.set_xlim(-0.6, num_images + 0.2)  # room for the curved edges of the last column
+    ax.set_ylim(c - 0.5, -0.5)
+    ax.set_title(f"{int(p.sum())} nodes; {len(pairs)} edges with weight >= {min_weight:.2f} "
+                 f"({n_pos} same-class, green)", fontsize=9)
+    return fig
+
+
+def plot_group_centres(z: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, has: torch.Tensor,
+                       info: DatasetInfo, max_points: int = 3000, seed: int = 0, ax=None):
+    """Pixel embeddings and their group centres in 2-D (PCA of the embeddings): points are
+    reliable pixels coloured by pseudo label, stars the confidence-weighted group centres."""
+    from sklearn.decomposition import PCA
+
+    fig, ax = _figure(ax, (6.5, 5))
+    keep = (labels != 255).cpu()
+    z, labels = z.detach().float().cpu()[keep], labels.cpu()[keep]
+    if len(z) > max_points:
+        idx = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:max_points]
+        z, labels = z[idx], labels[idx]
+    idx = has.nonzero().flatten().cpu()
+    cen = centres.detach().float().cpu()[idx]
+    pca = PCA(n_components=2, random_state=seed).fit(torch.cat([z, cen]).numpy())
+    pz, pc = pca.transform(z.numpy()), pca.transform(cen.numpy())
+    palette = np.asarray(info.palette, dtype=float) / 255
+    ax.scatter(pz[:, 0], pz[:, 1], s=4, c=palette[labels.numpy()], alpha=0.4, linewidths=0)
+    ax.scatter(pc[:, 0], pc[:, 1], s=320, marker="*", c=palette[idx.numpy()], edgecolors="black", linewidths=1.2)
+    for (x, y), k in zip(pc, idx.tolist()):
+        ax.annotate(info.class_names[k], (x, y), textcoords="offset points", xytext=(8, 6), fontsize=8)
+    var = pca.explained_variance_ratio_.sum()
+    ax.set_title(f"pixel embeddings and group centres (PCA, {100 * var:.0f}% of variance)", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
