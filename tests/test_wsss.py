@@ -455,3 +455,18 @@ def test_train_and_eval_cli_report_cam_pseudo_and_seg_miou_with_their_splits(tmp
     assert summary["pseudo_miou"] == pytest.approx(trained["pseudo"]["miou"], abs=1e-9)
     assert summary["seg_miou"] == pytest.approx(trained["miou"], abs=1e-9)
     assert 0.0 <= result["pseudo"]["coverage"] <= 1.0
+
+
+def test_tags_are_those_of_the_whole_image_even_after_a_crop():
+    from ctxseg.data import SyntheticScenes, train_transform
+    from ctxseg.data.base import tags_from_mask
+
+    ds = SyntheticScenes("train", length=6, size=(96, 96), transform=train_transform((32, 32), (0.5, 0.5)))
+    lost = 0
+    for i in range(6):
+        item = ds[(i, 7)]
+        whole = tags_from_mask(torch.from_numpy(ds.load(i)[1]), 8)
+        assert torch.equal(item["tags"], whole)
+        lost += int((whole > tags_from_mask(item["mask"], 8)).any())
+    assert lost > 0  # small crops do lose tagged classes: the weak label is the image's
+    assert torch.equal(ds.image_tags(), torch.stack([ds[i]["tags"] for i in range(6)]))
