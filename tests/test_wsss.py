@@ -470,3 +470,24 @@ def test_tags_are_those_of_the_whole_image_even_after_a_crop():
         lost += int((whole > tags_from_mask(item["mask"], 8)).any())
     assert lost > 0  # small crops do lose tagged classes: the weak label is the image's
     assert torch.equal(ds.image_tags(), torch.stack([ds[i]["tags"] for i in range(6)]))
+
+
+@pytest.mark.slow
+def test_dscnet_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    # Class-aware batches, PGCL's random anchors and the warm-up switch must all resume exactly.
+    import shutil
+
+    from conftest import TINY_TRAIN, run_ctxseg
+    from safetensors.torch import load_file
+
+    common = ["train", "--method", "dscnet", *TINY_TRAIN, "--iters", "6", "--ckpt-every", "3", "--no-progress",
+              "--set", "num_workers=0", "--set", "seg_warmup=0.4", "--set", "eval_every=0"]
+    ref = run_ctxseg([*common, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    resumed = tmp_path / "resumed"
+    (resumed / "ckpt").mkdir(parents=True)
+    shutil.copy(tmp_path / "ref" / "ckpt" / "step_00000003.pt", resumed / "ckpt")
+    res = run_ctxseg([*common, "--out", str(resumed), "--resume"])
+    assert res.returncode == 0, res.stderr
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

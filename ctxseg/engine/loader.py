@@ -114,12 +114,17 @@ class ClassAwareBatchSampler(TrainBatchSampler):
 
 
 def train_loader(dataset, sampler: TrainBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    """The training loader. It gets a generator of its own: a DataLoader draws a seed for its
+    workers from the global RNG each time an iterator starts (each epoch), and a resumed run
+    starts one mid-epoch, which would shift the global random stream that methods sample anchors
+    from. Our augmentation seeds come from the sampler, so the workers' seed does not matter."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
