@@ -174,7 +174,6 @@ class SegmentationDataset(Dataset):
             "index": i,
         }
 
-
     def image_tags(self) -> torch.Tensor:
         """(N, C) multi-hot image-level tags of every sample (what a class-aware batch sampler
         groups by). The default reads every sample; datasets with a cheaper way override it."""

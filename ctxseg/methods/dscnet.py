@@ -15,9 +15,8 @@ here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``
 - **SGCL, semantic-wise graph contrast.** One node per (image, tagged class), plus the background
   class of a dataset that has one: the CAM-weighted mean of the decoder features (CAM weights
   detached by default), through a training-only MLP. Edges are the ReLU of the nodes' cosine
-  similarities (self-loops included), symmetrically normalised; a 2-layer GCN
-  ``H' = A relu(A H W1 + b1) W2 + b2``-style propagation (``A (H W + b)`` per layer) gives the node
-  embeddings, L2-normalised. Supervised contrast over nodes: nodes of the same class in other
+  similarities (self-loops included), symmetrically normalised (``A``); a 2-layer GCN,
+  ``H1 = relu(A (H W1 + b1))``, ``Z = A (H1 W2 + b2)``, gives the node embeddings, L2-normalised. Supervised contrast over nodes: nodes of the same class in other
   images are positives, nodes of other classes negatives; a node without a positive (its class in
   no other image of the batch) contributes nothing, and a batch without any gives 0.
   Class-aware batches (``batch_sampler: class_aware``) make positives common.
