@@ -1,6 +1,11 @@
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,3 +39,53 @@ def shared_camvid():
     if not (root / "train").is_dir():
         pytest.skip("../shared/data/camvid is not present (only developers' checkouts have it)")
     return root
+
+
+# ------------------------------------------------------------------------------------------------
+# A local HTTP server for the download tests (no network is needed or used).
+HTTP_TIMEOUT = 5  # seconds per socket operation; a hung test fails instead of blocking the suite
+PAYLOAD = bytes(range(256)) * 40
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves a folder, records every request, and offers a truncating ``/truncated`` path (it
+    announces ``len(PAYLOAD)`` bytes and sends 100)."""
+
+    def do_GET(self) -> None:
+        self.server.hits.append(self.path)
+        if self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:100])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args) -> None:  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """Serves ``tmp_path / "www"`` on 127.0.0.1: ``www`` (the folder), ``url``, ``hits``."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    www = tmp_path / "www"
+    www.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(www)))
+    httpd.hits = []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        yield SimpleNamespace(www=www, url=f"http://127.0.0.1:{httpd.server_address[1]}", hits=httpd.hits)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(HTTP_TIMEOUT)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Sorted names in ``folder`` (what a failed download must not leave behind)."""
+    return sorted(p.name for p in folder.iterdir())

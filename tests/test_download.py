@@ -5,16 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-import threading
 import zipfile
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import HTTP_TIMEOUT, PAYLOAD, leftovers
 from PIL import Image
 
 from ctxseg.data.camvid import CamVid, download_camvid
@@ -22,51 +19,6 @@ from ctxseg.data.download import DownloadError, download, extract_archive, sha25
 
 pytestmark = pytest.mark.timeout(20)
 
-TIMEOUT = 5  # seconds per socket operation; a hung test fails instead of blocking the suite
-PAYLOAD = bytes(range(256)) * 40
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    """Serves a folder, records every request, and offers a truncating ``/truncated`` path."""
-
-    def do_GET(self) -> None:
-        self.server.hits.append(self.path)
-        if self.path == "/truncated":
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(PAYLOAD)))
-            self.end_headers()
-            self.wfile.write(PAYLOAD[:100])
-            self.close_connection = True
-            return
-        super().do_GET()
-
-    def log_message(self, format: str, *args) -> None:  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    www = tmp_path / "www"
-    www.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(www)))
-    httpd.hits = []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    try:
-        yield SimpleNamespace(
-            www=www, url=f"http://127.0.0.1:{httpd.server_address[1]}", hits=httpd.hits
-        )
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(TIMEOUT)
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
 
 
 def test_good_download_is_verified_and_lands(server: SimpleNamespace, tmp_path: Path) -> None:
@@ -74,42 +26,42 @@ def test_good_download_is_verified_and_lands(server: SimpleNamespace, tmp_path: 
     dest = tmp_path / "out" / "blob.bin"
     digest = hashlib.sha256(PAYLOAD).hexdigest()
     got = download(f"{server.url}/blob.bin", dest, sha256=digest, size=len(PAYLOAD),
-                   timeout=TIMEOUT, progress=False)  # fmt: skip
+                   timeout=HTTP_TIMEOUT, progress=False)  # fmt: skip
     assert got == dest and dest.read_bytes() == PAYLOAD
-    assert sha256sum(dest) == digest and _leftovers(dest.parent) == ["blob.bin"]
+    assert sha256sum(dest) == digest and leftovers(dest.parent) == ["blob.bin"]
 
 
 def test_wrong_sha256_leaves_nothing(server: SimpleNamespace, tmp_path: Path) -> None:
     (server.www / "blob.bin").write_bytes(PAYLOAD)
     url = f"{server.url}/blob.bin"
     with pytest.raises(DownloadError, match="checksum mismatch") as e:
-        download(url, tmp_path / "blob.bin", sha256="0" * 64, timeout=TIMEOUT, progress=False)
+        download(url, tmp_path / "blob.bin", sha256="0" * 64, timeout=HTTP_TIMEOUT, progress=False)
     assert url in str(e.value) and "0" * 64 in str(e.value)
     assert hashlib.sha256(PAYLOAD).hexdigest() in str(e.value)
-    assert _leftovers(tmp_path) == ["www"]
+    assert leftovers(tmp_path) == ["www"]
 
 
 def test_wrong_size_is_rejected(server: SimpleNamespace, tmp_path: Path) -> None:
     (server.www / "blob.bin").write_bytes(PAYLOAD)
     with pytest.raises(DownloadError, match=f"expected {len(PAYLOAD) + 1} bytes, got"):
         download(f"{server.url}/blob.bin", tmp_path / "blob.bin", size=len(PAYLOAD) + 1,
-                 timeout=TIMEOUT, progress=False)  # fmt: skip
-    assert _leftovers(tmp_path) == ["www"]
+                 timeout=HTTP_TIMEOUT, progress=False)  # fmt: skip
+    assert leftovers(tmp_path) == ["www"]
 
 
 def test_truncated_response_leaves_nothing(server: SimpleNamespace, tmp_path: Path) -> None:
     url = f"{server.url}/truncated"
     with pytest.raises(DownloadError, match=f"{len(PAYLOAD)} bytes") as e:
-        download(url, tmp_path / "blob.bin", timeout=TIMEOUT, progress=False)
+        download(url, tmp_path / "blob.bin", timeout=HTTP_TIMEOUT, progress=False)
     assert url in str(e.value)
-    assert _leftovers(tmp_path) == ["www"]
+    assert leftovers(tmp_path) == ["www"]
 
 
 def test_http_404_is_a_download_error(server: SimpleNamespace, tmp_path: Path) -> None:
     url = f"{server.url}/missing.zip"
     with pytest.raises(DownloadError, match="HTTP 404") as e:
-        download(url, tmp_path / "missing.zip", timeout=TIMEOUT, progress=False)
-    assert url in str(e.value) and _leftovers(tmp_path) == ["www"]
+        download(url, tmp_path / "missing.zip", timeout=HTTP_TIMEOUT, progress=False)
+    assert url in str(e.value) and leftovers(tmp_path) == ["www"]
 
 
 def test_existing_good_file_is_not_downloaded_again(
@@ -118,13 +70,13 @@ def test_existing_good_file_is_not_downloaded_again(
     dest = tmp_path / "blob.bin"
     dest.write_bytes(PAYLOAD)
     url = f"{server.url}/blob.bin"
-    download(url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), timeout=TIMEOUT,
+    download(url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), timeout=HTTP_TIMEOUT,
              progress=False)  # fmt: skip
     assert server.hits == []
     # A stale file with the wrong content is replaced by the verified download.
     (server.www / "blob.bin").write_bytes(PAYLOAD)
     dest.write_bytes(b"stale")
-    download(url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), timeout=TIMEOUT,
+    download(url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), timeout=HTTP_TIMEOUT,
              progress=False)  # fmt: skip
     assert server.hits == ["/blob.bin"] and dest.read_bytes() == PAYLOAD
 
@@ -159,13 +111,13 @@ def test_download_camvid_installs_a_loadable_dataset(
     digest = _segnet_zip(server.www / "segnet.zip")
     root = tmp_path / "data" / "camvid"
     url = f"{server.url}/segnet.zip"
-    assert download_camvid(root, url=url, sha256=digest, timeout=TIMEOUT, progress=False) == root
-    assert _leftovers(root.parent) == ["camvid"]
-    assert _leftovers(root) == ["train", "train.txt", "trainannot", "val", "valannot"]
+    assert download_camvid(root, url=url, sha256=digest, timeout=HTTP_TIMEOUT, progress=False) == root
+    assert leftovers(root.parent) == ["camvid"]
+    assert leftovers(root) == ["train", "train.txt", "trainannot", "val", "valannot"]
     item = CamVid(root, "train")[0]
     assert item["mask"][0].tolist() == [0, 0, 3, 3, 255, 255, 10, 10]
     # A second call finds the dataset in place and makes no request.
-    download_camvid(root, url=url, sha256=digest, timeout=TIMEOUT, progress=False)
+    download_camvid(root, url=url, sha256=digest, timeout=HTTP_TIMEOUT, progress=False)
     assert server.hits == ["/segnet.zip"]
 
 
@@ -176,9 +128,9 @@ def test_download_camvid_requires_a_checksum(
     root = tmp_path / "camvid"
     url = f"{server.url}/segnet.zip"
     with pytest.raises(DownloadError, match="sha256sum"):
-        download_camvid(root, url=url, timeout=TIMEOUT, progress=False)
+        download_camvid(root, url=url, timeout=HTTP_TIMEOUT, progress=False)
     assert server.hits == [] and not root.exists()
-    download_camvid(root, url=url, verify=False, timeout=TIMEOUT, progress=False)
+    download_camvid(root, url=url, verify=False, timeout=HTTP_TIMEOUT, progress=False)
     err = capsys.readouterr().err
     assert "NOT verified" in err and digest in err
     assert (root / "train" / "x.png").is_file()
@@ -188,9 +140,9 @@ def test_download_camvid_rejects_escaping_member(server: SimpleNamespace, tmp_pa
     digest = _segnet_zip(server.www / "segnet.zip", extra={"../evil": b"owned"})
     root = tmp_path / "data" / "camvid"
     with pytest.raises(DownloadError, match="escape"):
-        download_camvid(root, url=f"{server.url}/segnet.zip", sha256=digest, timeout=TIMEOUT,
+        download_camvid(root, url=f"{server.url}/segnet.zip", sha256=digest, timeout=HTTP_TIMEOUT,
                         progress=False)  # fmt: skip
-    assert _leftovers(root.parent) == [] and not (tmp_path / "data" / "evil").exists()
+    assert leftovers(root.parent) == [] and not (tmp_path / "data" / "evil").exists()
 
 
 def test_extract_archive_rejects_tar_traversal_and_symlinks(tmp_path: Path) -> None:
@@ -208,7 +160,7 @@ def test_extract_archive_rejects_tar_traversal_and_symlinks(tmp_path: Path) -> N
         tf.addfile(info)
     with pytest.raises(DownloadError, match="escape"):
         extract_archive(link, tmp_path / "out")
-    assert _leftovers(tmp_path / "out") == [] and not (tmp_path / "evil.txt").exists()
+    assert leftovers(tmp_path / "out") == [] and not (tmp_path / "evil.txt").exists()
     good = tmp_path / "good.tar"
     with tarfile.open(good, "w") as tf:
         info = tarfile.TarInfo("a/c.txt")
@@ -229,6 +181,6 @@ def test_download_cli_reports_a_bad_checksum_in_one_line(
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and url in last and "Traceback" not in err
-    assert not root.exists() and _leftovers(tmp_path) == ["www"]
+    assert not root.exists() and leftovers(tmp_path) == ["www"]
     assert main(["download", "camvid", "--root", str(root), "--url", url, "--sha256", digest]) == 0
     assert len(CamVid(root, "val")) == 1

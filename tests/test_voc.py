@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import shutil
 import tarfile
-import threading
 import zipfile
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import HTTP_TIMEOUT, leftovers
 from PIL import Image
 
 from ctxseg.config import DATASET_DEFAULTS
@@ -37,7 +34,6 @@ from ctxseg.data.voc import (
 pytestmark = pytest.mark.timeout(20)
 
 H, W = 30, 40
-TIMEOUT = 5  # seconds per socket operation
 REAL_VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc"
 
 # id -> classes of its mask (inside a 255 border). The first four are VOC images (train, val), the
@@ -215,40 +211,6 @@ def test_write_train_aug_list(devkit: Path) -> None:
 # ------------------------------------------------------------------------------------ download_voc
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Serves a folder and records every request (as tests/test_download.py does)."""
-
-    def do_GET(self) -> None:
-        self.server.hits.append(self.path)
-        super().do_GET()
-
-    def log_message(self, format: str, *args) -> None:  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    www = tmp_path / "www"
-    www.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(www)))
-    httpd.hits = []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    try:
-        yield SimpleNamespace(www=www, url=f"http://127.0.0.1:{httpd.server_address[1]}", hits=httpd.hits)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(TIMEOUT)
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
-
 @pytest.fixture
 def archives(server: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
     """A VOCtrainval-shaped tar and a SegmentationClassAug zip (no list, a __MACOSX shadow folder)
@@ -271,11 +233,11 @@ def archives(server: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
 def test_download_voc_installs_with_aug(server: SimpleNamespace, archives: SimpleNamespace, tmp_path: Path) -> None:
     root = tmp_path / "data" / "VOCdevkit"
     kw = dict(url=archives.url, sha256=archives.sha, aug_url=archives.aug_url, aug_sha256=archives.aug_sha,
-              timeout=TIMEOUT, progress=False)  # fmt: skip
+              timeout=HTTP_TIMEOUT, progress=False)  # fmt: skip
     assert download_voc(root, **kw) == root
-    assert _leftovers(root.parent) == ["VOCdevkit"] and _leftovers(root) == ["VOC2012"]
+    assert leftovers(root.parent) == ["VOCdevkit"] and leftovers(root) == ["VOC2012"]
     voc = root / "VOC2012"
-    assert _leftovers(voc) == ["ImageSets", "JPEGImages", "SegmentationClass", "SegmentationClassAug"]
+    assert leftovers(voc) == ["ImageSets", "JPEGImages", "SegmentationClass", "SegmentationClassAug"]
     assert (voc / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split() == TRAIN_AUG
     ds = VOC(root, "train_aug")
     assert ds.ids == TRAIN_AUG and ds[3]["tags"].nonzero().flatten().tolist() == [11, 15]
@@ -289,13 +251,13 @@ def test_download_voc_bad_checksums_leave_nothing(
 ) -> None:
     root = tmp_path / "data" / "VOCdevkit"
     with pytest.raises(DownloadError, match="checksum mismatch") as e:
-        download_voc(root, url=archives.url, sha256="0" * 64, timeout=TIMEOUT, progress=False)
-    assert archives.url in str(e.value) and _leftovers(root.parent) == []
+        download_voc(root, url=archives.url, sha256="0" * 64, timeout=HTTP_TIMEOUT, progress=False)
+    assert archives.url in str(e.value) and leftovers(root.parent) == []
     # A bad aug archive fails after VOC is unpacked: still nothing in place.
     with pytest.raises(DownloadError, match="checksum mismatch") as e:
         download_voc(root, url=archives.url, sha256=archives.sha, aug_url=archives.aug_url,
-                     aug_sha256="1" * 64, timeout=TIMEOUT, progress=False)  # fmt: skip
-    assert archives.aug_url in str(e.value) and _leftovers(root.parent) == []
+                     aug_sha256="1" * 64, timeout=HTTP_TIMEOUT, progress=False)  # fmt: skip
+    assert archives.aug_url in str(e.value) and leftovers(root.parent) == []
     assert server.hits == ["/voc.tar", "/voc.tar", "/aug.zip"]
 
 
@@ -304,19 +266,19 @@ def test_download_voc_requires_checksums(
 ) -> None:
     root = tmp_path / "VOCdevkit"
     with pytest.raises(DownloadError, match=f"{VOC_MD5}(.|\n)*sha256sum"):
-        download_voc(root, url=archives.url, timeout=TIMEOUT, progress=False)
+        download_voc(root, url=archives.url, timeout=HTTP_TIMEOUT, progress=False)
     with pytest.raises(DownloadError, match="no aug_sha256"):
         download_voc(root, url=archives.url, sha256=archives.sha, aug_url=archives.aug_url, progress=False)
     assert server.hits == [] and not root.exists()
-    download_voc(root, url=archives.url, verify=False, timeout=TIMEOUT, progress=False)
+    download_voc(root, url=archives.url, verify=False, timeout=HTTP_TIMEOUT, progress=False)
     err = capsys.readouterr().err
     assert "NOT verified" in err and archives.sha in err and "does NOT match the published md5" in err
     assert len(VOC(root, "val")) == 2 and not (root / "VOC2012" / "SegmentationClassAug").exists()
     # An installed VOC without aug gets only the aug archive added (here unverified too).
-    download_voc(root, url=archives.url, aug_url=archives.aug_url, verify=False, timeout=TIMEOUT, progress=False)
+    download_voc(root, url=archives.url, aug_url=archives.aug_url, verify=False, timeout=HTTP_TIMEOUT, progress=False)
     assert archives.aug_sha in capsys.readouterr().err
     assert server.hits == ["/voc.tar", "/aug.zip"] and VOC(root, "train_aug").ids == TRAIN_AUG
-    assert _leftovers(root / "VOC2012") == ["ImageSets", "JPEGImages", "SegmentationClass", "SegmentationClassAug"]
+    assert leftovers(root / "VOC2012") == ["ImageSets", "JPEGImages", "SegmentationClass", "SegmentationClassAug"]
 
 
 def test_download_voc_refuses_a_non_empty_root(archives: SimpleNamespace, tmp_path: Path) -> None:
@@ -324,8 +286,8 @@ def test_download_voc_refuses_a_non_empty_root(archives: SimpleNamespace, tmp_pa
     root.mkdir()
     (root / "notes.txt").write_text("mine")
     with pytest.raises(DownloadError, match="not empty"):
-        download_voc(root, url=archives.url, sha256=archives.sha, timeout=TIMEOUT, progress=False)
-    assert _leftovers(root) == ["notes.txt"]
+        download_voc(root, url=archives.url, sha256=archives.sha, timeout=HTTP_TIMEOUT, progress=False)
+    assert leftovers(root) == ["notes.txt"]
 
 
 def test_download_voc_uses_a_list_shipped_with_aug(server: SimpleNamespace, archives: SimpleNamespace,
@@ -336,7 +298,7 @@ def test_download_voc_uses_a_list_shipped_with_aug(server: SimpleNamespace, arch
                                                  for i in listed))  # fmt: skip
     root = tmp_path / "VOCdevkit"
     download_voc(root, url=archives.url, sha256=archives.sha, aug_url=f"{server.url}/aug.zip",
-                 aug_sha256=sha256sum(server.www / "aug.zip"), timeout=TIMEOUT, progress=False)  # fmt: skip
+                 aug_sha256=sha256sum(server.www / "aug.zip"), timeout=HTTP_TIMEOUT, progress=False)  # fmt: skip
     written = root / "VOC2012" / "ImageSets" / "Segmentation" / "train_aug.txt"
     assert written.read_text() == "2011_000006\n2007_000001\n"  # normalised to bare ids
     assert VOC(root, "train_aug").ids == listed

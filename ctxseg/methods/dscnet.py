@@ -184,6 +184,12 @@ def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, 
     return F.normalize(w.T @ z, dim=1), (onehot * reliable[:, None]).sum(0) > 0
 
 
+def pixel_confidence(refined: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) refined mask value of each pixel's pseudo label (any value where it is ignored):
+    the weight of the pixel in its group centre."""
+    return refined.gather(1, torch.where(labels == IGNORE_INDEX, 0, labels)[:, None])[:, 0]
+
+
 def sample_pixels(reliable: torch.Tensor, hard: torch.Tensor, n: int, hard_fraction: float) -> torch.Tensor:
     """Indices of at most ``n`` reliable pixels, ``hard_fraction`` of them hard when there are
     enough (either kind fills in for the other), uniformly at random within each kind."""
@@ -238,7 +244,7 @@ class DSCNet(WSSSCam):
             raise ValueError(f"pseudo labels {tuple(labels.shape)} and embeddings {tuple(z.shape)} differ in size")
         flat_z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         flat_y = labels.reshape(-1)
-        conf = weak["refined"].gather(1, torch.where(labels == IGNORE_INDEX, 0, labels)[:, None])[:, 0]
+        conf = pixel_confidence(weak["refined"], labels)
         preds = out["logits"].argmax(1).reshape(-1)
         idx = sample_pixels(flat_y != IGNORE_INDEX, preds != flat_y, self.cfg.pgcl_anchors, self.cfg.pgcl_hard_fraction)
         return flat_z[idx], flat_y[idx], flat_z, flat_y, conf.reshape(-1)

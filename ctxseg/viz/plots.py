@@ -414,6 +414,20 @@ def plot_memory_occupancy(method_state: Mapping[str, torch.Tensor], info: Datase
     return fig
 
 
+def _grid_panels(image: torch.Tensor, mask: torch.Tensor, axes, figsize):
+    """A row of four panels for one sample, and what drawing a coarse grid over it needs:
+    (figure, axes, the ``extent`` that stretches an (h, w) map over the (H, W) image, the image
+    as RGB in [0, 1])."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 4, figsize=figsize, layout="constrained")
+    H, W = mask.shape[-2:]
+    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
+    rgb = denormalize(image).permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+    return axes[0].figure, axes, extent, rgb
+
+
 def show_bane(image: torch.Tensor, mask: torch.Tensor, region: torch.Tensor, distance: torch.Tensor,
               kept: torch.Tensor, cls: int, info: DatasetInfo, negatives: str = "missed", axes=None):
     """BANE on one image and stage, for the error region of class ``cls``: the image with its
@@ -428,14 +442,7 @@ def show_bane(image: torch.Tensor, mask: torch.Tensor, region: torch.Tensor, dis
         negatives: the reading, for the panel titles.
         axes: four matplotlib axes (default: a new 1 x 4 figure).
     """
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), layout="constrained")
-    fig = axes[0].figure
-    H, W = mask.shape[-2:]
-    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
-    rgb = denormalize(image).permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+    fig, axes, extent, rgb = _grid_panels(image, mask, axes, (16, 3.6))
     grey = rgb.mean(-1)
     name = info.class_names[cls]
     mine = (region == cls).cpu().numpy()
@@ -487,10 +494,6 @@ def plot_anchor_similarity(anchors: Sequence[torch.Tensor], present: Sequence[to
     return fig
 
 
-def _colorize_with_ignore(labels, info: DatasetInfo) -> np.ndarray:
-    return info.colorize(labels)  # 255 (ignored) maps to black
-
-
 def show_cams(image: torch.Tensor, mask: torch.Tensor, cam: torch.Tensor, refined: torch.Tensor,
               pseudo: torch.Tensor, cls: int, info: DatasetInfo, threshold: float = 0.2, axes=None):
     """One image through the weakly supervised pipeline, for class ``cls``: the ground truth,
@@ -505,14 +508,8 @@ def show_cams(image: torch.Tensor, mask: torch.Tensor, cam: torch.Tensor, refine
         threshold: the level drawn as a contour.
         axes: four matplotlib axes (default: a new 1 x 4 figure).
     """
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), layout="constrained")
-    fig = axes[0].figure
+    fig, axes, extent, rgb = _grid_panels(image, mask, axes, (16, 3.8))
     H, W = mask.shape[-2:]
-    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
-    rgb = denormalize(image).permute(1, 2, 0).clamp(0, 1).cpu().numpy()
     name = info.class_names[cls]
     axes[0].imshow(overlay(image, mask, info, alpha=0.55))
     axes[0].set_title("ground truth (not used in training)", fontsize=9)
@@ -527,7 +524,7 @@ def show_cams(image: torch.Tensor, mask: torch.Tensor, cam: torch.Tensor, refine
         ax.set_title(f"{what}: {name} (max {m.max():.2f})", fontsize=9)
     fig.colorbar(im, ax=axes[1:3], shrink=0.8, label=f"mask value (contour at {threshold:.2f})")
     axes[3].imshow(rgb)
-    axes[3].imshow(_colorize_with_ignore(pseudo.cpu().numpy(), info), alpha=0.75, extent=extent)
+    axes[3].imshow(info.colorize(pseudo), alpha=0.75, extent=extent)
     covered = float((pseudo != 255).float().mean())
     axes[3].set_title(f"pseudo label ({100 * covered:.0f}% labelled, black: ignored)", fontsize=9)
     for ax in axes:
@@ -536,42 +533,52 @@ def show_cams(image: torch.Tensor, mask: torch.Tensor, cam: torch.Tensor, refine
 
 
 def plot_semantic_graph(weights: torch.Tensor, present: torch.Tensor, num_images: int, info: DatasetInfo,
-                        min_weight: float = 0.5, ax=None):
+                        min_weight: float = 0.5, per_node: int = 3, ax=None):
     """The semantic graph of a batch: one node per (image, class) present, placed at column =
-    image and row = class; an edge for every pair whose weight (cosine similarity, ReLU'd) reaches
-    ``min_weight``, darker when stronger. Green edges join the same class in two images (the
-    positives of the node contrast), red edges different classes.
+    image and row = class. Drawn edges: each node's ``per_node`` strongest edges whose weight
+    (cosine similarity, ReLU'd) reaches ``min_weight``, darker when stronger (all of them would
+    hide the structure). Green edges join the same class in two images (the positives of the node
+    contrast), red edges different classes; the title counts every edge above ``min_weight``.
 
     Args:
         weights: (N, N) edge weights of the N = num_images * C nodes, in (image, class) order.
         present: (N,) which nodes exist.
     """
+    from matplotlib.collections import LineCollection
+
     fig, ax = _figure(ax, (1.2 * num_images + 2.5, 0.45 * info.num_classes + 1.5))
     c = info.num_classes
-    w = weights.detach().float().cpu().numpy()
     p = present.cpu().numpy().astype(bool)
+    w = np.where(p[:, None] & p[None, :], weights.detach().float().cpu().numpy(), -np.inf)
+    np.fill_diagonal(w, -np.inf)
+    strong = w >= min_weight
+    # Keep an edge when it is among the per_node strongest of either of its nodes.
+    rank = np.argsort(np.argsort(-w, axis=1), axis=1)
+    keep = strong & (rank < per_node)
+    pairs = np.argwhere(np.triu(keep | keep.T, 1))
     xs = np.repeat(np.arange(num_images), c)
     ys = np.tile(np.arange(c), num_images)
-    cls = ys
-    pairs = np.argwhere(np.triu(w >= min_weight, 1) & p[:, None] & p[None, :])
-    n_pos = 0
-    for u, v in pairs:
-        same = cls[u] == cls[v]
-        n_pos += int(same)
-        # Curve edges within one column so they do not hide behind the nodes.
-        bend = 0.35 if xs[u] == xs[v] else 0.0
-        mx, my = (xs[u] + xs[v]) / 2 + bend * abs(ys[u] - ys[v]) / c * 3, (ys[u] + ys[v]) / 2
-        ax.plot([xs[u], mx, xs[v]], [ys[u], my, ys[v]], color="tab:green" if same else "tab:red",
-                alpha=float(min(1.0, 0.15 + 0.85 * (w[u, v] - min_weight) / max(1e-6, 1 - min_weight))), lw=1.2,
-                zorder=1)
-    colours = np.asarray(info.palette, dtype=float)[cls[p]] / 255
+    u, v = pairs[:, 0], pairs[:, 1]
+    same = ys[u] == ys[v]
+    # Curve edges within one column so they do not hide behind the nodes.
+    bend = np.where(xs[u] == xs[v], 0.35 * np.abs(ys[u] - ys[v]) / c * 3, 0.0)
+    mid = np.stack([(xs[u] + xs[v]) / 2 + bend, (ys[u] + ys[v]) / 2], 1)
+    segments = np.stack([np.stack([xs[u], ys[u]], 1), mid, np.stack([xs[v], ys[v]], 1)], 1)
+    alpha = np.clip(0.15 + 0.85 * (w[u, v] - min_weight) / max(1e-6, 1 - min_weight), 0.0, 1.0)
+    import matplotlib.colors as mcolors
+
+    rgba = np.array([mcolors.to_rgba("tab:green" if s_ else "tab:red") for s_ in same]).reshape(-1, 4)
+    rgba[:, 3] = alpha
+    ax.add_collection(LineCollection(segments, colors=rgba, linewidths=1.2, zorder=1))
+    colours = np.asarray(info.palette, dtype=float)[ys[p]] / 255
     ax.scatter(xs[p], ys[p], s=160, c=colours, edgecolors="black", zorder=2)
     ax.set_xticks(range(num_images), [f"img {i}" for i in range(num_images)], fontsize=8)
     ax.set_yticks(range(c), info.class_names, fontsize=8)
     ax.set_xlim(-0.6, num_images + 0.2)  # room for the curved edges of the last column
     ax.set_ylim(c - 0.5, -0.5)
-    ax.set_title(f"{int(p.sum())} nodes; {len(pairs)} edges with weight >= {min_weight:.2f} "
-                 f"({n_pos} same-class, green)", fontsize=9)
+    n_strong = int(np.triu(strong, 1).sum())
+    ax.set_title(f"{int(p.sum())} nodes; {n_strong} edges with weight >= {min_weight:.2f}, the {per_node} "
+                 f"strongest per node drawn ({int(same.sum())} of {len(pairs)} same-class, green)", fontsize=9)
     return fig
 
 
