@@ -455,7 +455,9 @@ class SegMetrics:
                 ground truth); ``boundary_iou`` (mean Boundary IoU over classes with a
                 non-empty boundary union); ``per_class_iou`` and
                 ``per_class_boundary_iou`` (``{name: float or None}``, ``None`` where
-                undefined); ``boundary_px`` (int); ``num_pixels`` (int, counted pixels).
+                undefined); ``boundary_px`` (int); ``num_pixels`` (int, counted pixels);
+                ``confusion`` (the ``C x C`` confusion matrix as a list of rows of ints, ground
+                truth on the rows and predictions on the columns, in ``class_names`` order).
             Means over an empty set are ``nan``.
         """
         cm, inter, union = self._reduced if self._reduced is not None else self._local()
@@ -470,6 +472,7 @@ class SegMetrics:
             "per_class_boundary_iou": dict(zip(self.class_names, _to_optional_floats(biou))),
             "boundary_px": self.boundary_px,
             "num_pixels": int(cm.sum()),
+            "confusion": cm.tolist(),
         }
 
     def __repr__(self) -> str:

@@ -300,4 +300,6 @@ def _parse_row(line: str) -> dict | None:
 
 
 def _summary(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    """The scalars of an evaluation, for a metrics.jsonl row (per-class dicts and the confusion
+    matrix stay in eval.json)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}

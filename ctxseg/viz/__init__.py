@@ -1,11 +1,15 @@
 """Looking inside: run logs, plots, overlays and the HTML report (matplotlib only; imports of
 heavy optional tools such as UMAP stay lazy)."""
 
+from ctxseg.viz.compare import RunTable, find_runs, results_table, run_confusion
 from ctxseg.viz.plots import (
+    boundary_error_map,
+    edge_band,
     legend_handles,
     overlay,
     plot_anchor_similarity,
     plot_class_frequencies,
+    plot_confusion,
     plot_group_centres,
     plot_learning_curves,
     plot_loss_terms,
@@ -16,20 +20,27 @@ from ctxseg.viz.plots import (
     show_anchors,
     show_augmentations,
     show_bane,
+    show_boundary_errors,
     show_cams,
     show_context_crops,
     show_palette,
+    show_prediction_grid,
     show_predictions,
     show_samples,
 )
 from ctxseg.viz.runs import load_run
 
 __all__ = [
+    "RunTable",
+    "boundary_error_map",
+    "edge_band",
+    "find_runs",
     "legend_handles",
     "load_run",
     "overlay",
     "plot_anchor_similarity",
     "plot_class_frequencies",
+    "plot_confusion",
     "plot_group_centres",
     "plot_learning_curves",
     "plot_loss_terms",
@@ -37,12 +48,16 @@ __all__ = [
     "plot_per_class_iou",
     "plot_semantic_graph",
     "predict_batch",
+    "results_table",
+    "run_confusion",
     "show_anchors",
     "show_augmentations",
     "show_bane",
+    "show_boundary_errors",
     "show_cams",
     "show_context_crops",
     "show_palette",
+    "show_prediction_grid",
     "show_predictions",
     "show_samples",
 ]

@@ -11,6 +11,7 @@ import torch
 
 from ctxseg.data.base import DatasetInfo, tags_from_mask
 from ctxseg.data.transforms import denormalize
+from ctxseg.engine.metrics import boundary_region
 
 
 def _figure(ax, figsize):
@@ -72,13 +73,14 @@ def plot_loss_terms(run: dict, terms: Sequence[str] | None = None, smooth: int =
 
 def plot_per_class_iou(results: Mapping[str, dict], key: str = "per_class_iou", ax=None):
     """Grouped bars of per-class IoU, one group per class and one bar per result (run name ->
-    eval dict as written to eval.json / printed by ``ctxseg eval``)."""
-    fig, ax = _figure(ax, (max(6, 0.9 * len(next(iter(results.values()))[key])), 3.5))
-    names = list(next(iter(results.values()))[key])
+    eval dict as written to eval.json / printed by ``ctxseg eval``). Results over different class
+    sets get the union of their classes; a class a result lacks (or an undefined IoU) has no bar."""
+    names = list(dict.fromkeys(n for res in results.values() for n in res[key]))
+    fig, ax = _figure(ax, (max(6, 0.9 * len(names)), 3.5))
     width = 0.8 / len(results)
     x = np.arange(len(names))
     for i, (label, res) in enumerate(results.items()):
-        vals = [np.nan if res[key][n] is None else res[key][n] for n in names]
+        vals = [np.nan if res[key].get(n) is None else res[key][n] for n in names]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, vals, width, label=label)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylabel=key.replace("_", " "), ylim=(0, 1))
@@ -607,4 +609,145 @@ def plot_group_centres(z: torch.Tensor, labels: torch.Tensor, centres: torch.Ten
     ax.set_title(f"pixel embeddings and group centres (PCA, {100 * var:.0f}% of variance)", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
+    return fig
+
+
+def plot_confusion(cm, class_names: Sequence[str], normalize: str | None = "true", annotate: bool | None = None,
+                   ax=None):
+    """A confusion matrix (rows ground truth, columns prediction) as a heat map.
+
+    Args:
+        cm: (C, C) pixel counts, e.g. from :func:`ctxseg.viz.run_confusion`.
+        class_names: the C class names.
+        normalize: ``"true"`` divides each row by its ground-truth pixel count, so the diagonal
+            is each class's recall and a row shows where its pixels went (a class absent from
+            the ground truth has a blank row); ``None`` shows the counts.
+        annotate: write the values in the cells (default: when C <= 12).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    if normalize == "true":
+        totals = cm.sum(1, keepdims=True)
+        values = np.divide(cm, totals, out=np.full_like(cm, np.nan), where=totals > 0)
+    elif normalize is None:
+        values = cm
+    else:
+        raise ValueError(f"normalize must be 'true' or None, got {normalize!r}")
+    c = len(class_names)
+    fig, ax = _figure(ax, (0.5 * c + 2.5, 0.45 * c + 1.5))
+    im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the class's pixels" if normalize else "pixels")
+    if annotate if annotate is not None else c <= 12:
+        top = np.nanmax(values) if np.isfinite(values).any() else 1.0
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.6 * top else "black")
+    ax.set_xticks(range(c), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(c), class_names, fontsize=8)
+    ax.set(xlabel="prediction", ylabel="ground truth")
+    return fig
+
+
+# Codes of :func:`boundary_error_map`.
+CORRECT, BOUNDARY_ERROR, INTERIOR_ERROR, IGNORED = 0, 1, 2, 3
+
+
+def edge_band(target, boundary_px: int = 3) -> torch.Tensor:
+    """The (H, W) bool mask of pixels within ``boundary_px`` pixels of a ground-truth edge.
+
+    It is :func:`ctxseg.engine.metrics.boundary_region` of every label present (the ignore label
+    included, as Boundary IoU does), except that the image border is not an edge here: the label
+    map is padded by replication before the band is taken.
+    """
+    target = torch.as_tensor(np.asarray(target)).long()
+    h, w, d = *target.shape, boundary_px
+    padded = torch.nn.functional.pad(target[None, None].float(), (d, d, d, d), mode="replicate")[0, 0].long()
+    labels = padded.unique()
+    return boundary_region(padded[None] == labels[:, None, None], d).any(0)[d : d + h, d : d + w]
+
+
+def boundary_error_map(pred, target, boundary_px: int = 3, ignore_index: int = 255) -> np.ndarray:
+    """Classify each pixel of one prediction: ``CORRECT`` (0), ``BOUNDARY_ERROR`` (1: wrong and in
+    the :func:`edge_band` of the ground truth), ``INTERIOR_ERROR`` (2: wrong, farther from every
+    edge) or ``IGNORED`` (3: ground truth ``ignore_index``).
+
+    Args:
+        pred, target: (H, W) integer label maps (tensors or arrays).
+    """
+    pred, target = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(target)).long()
+    band = edge_band(target, boundary_px)
+    out = torch.where(pred != target, torch.where(band, BOUNDARY_ERROR, INTERIOR_ERROR), CORRECT)
+    return torch.where(target == ignore_index, IGNORED, out).numpy()
+
+
+def show_boundary_errors(model, dataset, indices: Sequence[int], boundary_px: int = 3,
+                         info: DatasetInfo | None = None):
+    """Where a model's errors lie: image | ground truth | prediction | error map, one row per
+    dataset index. The map marks errors within ``boundary_px`` of a ground-truth edge in orange
+    and interior errors in red over the greyed image (edge band lightly shaded, ignored pixels
+    black); each title gives both shares of the labelled pixels (:func:`boundary_error_map`)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    info = info or dataset.info
+    samples = [dataset[i] for i in indices]
+    preds = predict_batch(model, torch.stack([s["image"] for s in samples]))
+    colours = {BOUNDARY_ERROR: (1.0, 0.6, 0.0), INTERIOR_ERROR: (0.85, 0.0, 0.0), IGNORED: (0.0, 0.0, 0.0)}
+    fig, axes = plt.subplots(len(samples), 4, figsize=(11, 2.7 * len(samples)), squeeze=False, layout="constrained")
+    for row, s, pred in zip(axes, samples, preds):
+        gt = s["mask"]
+        codes = boundary_error_map(pred, gt, boundary_px, info.ignore_index)
+        rgb = denormalize(s["image"]).permute(1, 2, 0).clamp(0, 1).numpy()
+        shown = np.repeat(0.35 + 0.5 * rgb.mean(-1, keepdims=True), 3, -1)
+        shown[edge_band(gt, boundary_px).numpy()] *= 0.75
+        for code, colour in colours.items():
+            shown[codes == code] = colour
+        labelled = max(1, int((codes != IGNORED).sum()))
+        panels = [
+            (rgb, f"image {s['index']}"),
+            (info.colorize(gt), "ground truth"),
+            (info.colorize(pred), "prediction"),
+            (shown, f"errors: {(codes == BOUNDARY_ERROR).sum() / labelled:.1%} at edges, "
+                    f"{(codes == INTERIOR_ERROR).sum() / labelled:.1%} inside"),
+        ]
+        for ax, (img, title) in zip(row, panels):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    handles = [Patch(color=colours[BOUNDARY_ERROR], label=f"error within {boundary_px} px of an edge"),
+               Patch(color=colours[INTERIOR_ERROR], label="interior error"),
+               Patch(color=colours[IGNORED], label="ignored")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    return fig
+
+
+def show_prediction_grid(models: Mapping[str, torch.nn.Module], dataset, indices: Sequence[int],
+                         info: DatasetInfo | None = None):
+    """Several models on the same images: one row per dataset index, columns image | ground
+    truth | each model's prediction, titled with its pixel accuracy on that image."""
+    import matplotlib.pyplot as plt
+
+    info = info or dataset.info
+    samples = [dataset[i] for i in indices]
+    images = torch.stack([s["image"] for s in samples])
+    preds = {name: predict_batch(m, images) for name, m in models.items()}
+    ncols = 2 + len(models)
+    fig, axes = plt.subplots(len(samples), ncols, figsize=(2.4 * ncols, 2.5 * len(samples)), squeeze=False,
+                             layout="constrained")
+    for r, (row, s) in enumerate(zip(axes, samples)):
+        gt = s["mask"]
+        valid = gt != info.ignore_index
+        panels = [(denormalize(s["image"]).permute(1, 2, 0).clamp(0, 1).numpy(), f"image {s['index']}"),
+                  (info.colorize(gt), "ground truth")]
+        for name, p in preds.items():
+            acc = float((p[r] == gt)[valid].float().mean()) if valid.any() else float("nan")
+            panels.append((info.colorize(p[r]), f"{name}\n{acc:.1%} correct"))
+        for ax, (img, title) in zip(row, panels):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.legend(handles=legend_handles(info), loc="outside right upper", fontsize=8)
     return fig
