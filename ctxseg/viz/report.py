@@ -1,5 +1,6 @@
 """A self-contained HTML report of one or more runs: results table, learning curves, per-class
-IoU, example predictions. Figures are embedded as base64 PNGs so the file can be mailed around."""
+IoU, a UMAP of the same pixels embedded by each run, example predictions. Figures are embedded as
+base64 PNGs so the file can be mailed around."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import html
 import io
 from pathlib import Path
 
-from ctxseg.viz.plots import plot_learning_curves, plot_per_class_iou, show_predictions
+from ctxseg.viz.compare import results_table
+from ctxseg.viz.plots import plot_learning_curves, plot_per_class_iou, show_prediction_grid
 from ctxseg.viz.runs import load_run
+
+# The feature each method's loss shapes: what its UMAP panel shows.
+DEFAULT_FEATURE = {"ce": "decoder", "pixel_contrast": "projection", "contextrast": "stage1",
+                   "wsss_cam": "decoder", "dscnet": "projection"}
 
 
 def _png(fig) -> str:
@@ -21,44 +27,93 @@ def _png(fig) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctxseg report") -> Path:
-    """Write ``out`` (HTML) for the finished runs in ``run_dirs``; returns its path."""
+def _same_data(runs: list[dict]) -> list[dict]:
+    """The runs evaluated on the same images as the first one."""
+    first = runs[0]["config"]
+    return [r for r in runs if all(r["config"].get(k) == first.get(k) for k in ("data", "data_root", "synthetic_size",
+                                                                              "eval_split"))]
+
+
+def _umap_section(runs: list[dict], per_class: int, progress: bool) -> list[str]:
+    """The same pixels embedded by every run on the first run's images, side by side."""
+    from ctxseg.viz.embeddings import (
+        embedding_scores,
+        feature_names,
+        load_run_model,
+        pixel_embeddings,
+        plot_embeddings,
+        sample_pixels,
+        umap_2d,
+    )
+
+    same = _same_data(runs)
+    _, cfg, _ = load_run_model(same[0]["path"])
+    from ctxseg.engine.evaluate import eval_dataset
+
+    ds = eval_dataset(cfg, cfg.eval_split)
+    sample = sample_pixels(ds, per_class=per_class, boundary_px=3, seed=0, progress=progress)
+    layouts, scores = {}, {}
+    for r in same:
+        model, _, _ = load_run_model(r["path"])
+        feature = DEFAULT_FEATURE.get(r["config"].get("method"), "decoder")
+        feature = feature if feature in feature_names(model) else "decoder"
+        emb = pixel_embeddings(r["path"], sample, feature, dataset=ds, progress=progress)
+        layouts[r["name"]] = (umap_2d(emb, mode="reproducible", seed=0, progress=progress), emb)
+        scores[r["name"]] = embedding_scores(emb.x, sample.label, metric=emb.metric)
+    fig = plot_embeddings(layouts, ds.info, scores=scores)
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{e.feature}</td><td>{scores[n]['silhouette']:.3f}</td>"
+        f"<td>{scores[n]['knn_accuracy']:.3f}</td><td>{e.correct.mean():.3f}</td></tr>" for n, (_, e) in layouts.items()
+    )
+    return [
+        "<h2>Pixel embeddings (UMAP)</h2>",
+        f"<p>The same {len(sample)} {cfg.eval_split} pixels (up to {per_class} per class, drawn uniformly from each "
+        "class's pixels) embedded by each run with the feature its loss shapes; UMAP with 15 neighbours, min_dist "
+        "0.1, seeded. Colour: ground-truth class. The scores are computed in the embedding space itself "
+        "(scikit-learn): silhouette, and the accuracy of a 10-nearest-neighbour vote (5-fold); seg acc is the "
+        "run's own accuracy on these class-balanced pixels.</p>",
+        "<table><tr><th>run</th><th>feature</th><th>silhouette</th><th>kNN acc</th><th>seg acc</th></tr>"
+        + rows + "</table>",
+        _png(fig),
+    ]
+
+
+def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctxseg report", umap: bool = True,
+                 per_class: int = 500, progress: bool = False) -> Path:
+    """Write ``out`` (HTML) for the finished runs in ``run_dirs``; returns its path.
+
+    ``umap``: add the UMAP section (``per_class`` pixels of each class of the first run's data).
+    """
     from ctxseg.engine.evaluate import eval_dataset, load_trained
 
     runs = [load_run(d) for d in run_dirs]
     runs = [r for r in runs if r["final"] is not None]
     if not runs:
         raise ValueError(f"none of {list(map(str, run_dirs))} has finished (no eval.json)")
-    rows = []
-    for r in runs:
-        c, f = r["config"], r["final"]
-        rows.append(
-            f"<tr><td>{html.escape(r['name'])}</td><td>{c.get('method')}</td><td>{c.get('data')}</td>"
-            f"<td>{c.get('encoder')}</td><td>{c.get('iters') or c.get('epochs')} {'iters' if c.get('iters') else 'epochs'}</td>"
-            f"<td>{c.get('seed')}</td><td>{f['miou']:.3f}</td><td>{f['boundary_iou']:.3f}</td>"
-            f"<td>{f['pixel_acc']:.3f}</td><td>{f['num_images']}</td></tr>"
-        )
+    table = results_table(runs)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Evaluated on the config's <code>eval_split</code> at full label resolution; boundary IoU "
+        "<p>Evaluated on each config's <code>eval_split</code> at full label resolution; boundary IoU "
         f"at {runs[0]['final']['boundary_px']} px (Cheng et al., CVPR 2021).</p>",
-        "<table><tr><th>run</th><th>method</th><th>data</th><th>encoder</th><th>length</th><th>seed</th>"
-        "<th>mIoU</th><th>boundary IoU</th><th>pixel acc</th><th>images</th></tr>" + "".join(rows) + "</table>",
+        f'<div class="wide">{table.to_html()}</div>',
         "<h2>Learning curves</h2>",
         _png(plot_learning_curves(runs)),
         "<h2>Per-class IoU</h2>",
         _png(plot_per_class_iou({r["name"]: r["final"] for r in runs})),
     ]
-    for r in runs:
-        model, cfg, _ = load_trained(r["path"])
-        ds = eval_dataset(cfg, cfg.eval_split)
-        n = min(examples, len(ds))
-        parts += [f"<h2>Predictions: {html.escape(r['name'])} ({cfg.eval_split})</h2>",
-                  _png(show_predictions(model, ds, list(range(n))))]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
+    if umap:
+        parts += _umap_section(runs, per_class, progress)
+    models = {r["name"]: load_trained(r["path"]) for r in _same_data(runs)}
+    cfg = next(iter(models.values()))[1]
+    ds = eval_dataset(cfg, cfg.eval_split)
+    parts += [f"<h2>Example predictions ({cfg.eval_split})</h2>",
+              _png(show_prediction_grid({n: m[0] for n, m in models.items()}, ds, list(range(min(examples, len(ds))))))]
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}.wide{overflow-x:auto}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                    f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    tmp.replace(out)
     return out
