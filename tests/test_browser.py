@@ -1,0 +1,642 @@
+"""The notebooks in a real browser: JupyterLab in headless Chromium, driven by Playwright.
+
+One JupyterLab server (a free 127.0.0.1 port, a random token, temporary settings, workspaces,
+config, data and runtime folders, so no user configuration leaks in) and one Chromium serve every
+``notebooks/*.ipynb``, each in its own page. Its kernel is this interpreter's, in smoke mode
+(``CTXSEG_SMOKE=1``). The test opens the notebook, runs all cells and asserts that
+
+* no cell raised (an ``error`` output in the notebook model) and no other kernel message was an
+  error either: an interact callback that raises shows its traceback inside its Output widget,
+  which is not a cell output; every IOPub ``error`` message is caught on the way in;
+* no widget shows "Error displaying widget", none is left at "Loading widget...", and at least
+  one widget view is rendered (a notebook without widgets opts out with
+  ``"ctxseg": {"expects_widgets": false}`` in its metadata, as for ``test_notebooks.py``);
+* moving an interact's integer slider by one step (its handle focused, then an arrow key, as a
+  user would) redraws a figure in that cell's outputs (``<img>`` sources and ``<canvas>`` pixels,
+  so ipympl figures count too). Every interact with an integer slider and a figure in its cell is
+  tried, and at least one must exist across the notebooks (``test_a_slider_redrew_a_figure``).
+
+Screenshots (the whole notebook, then before and after each slider move) go to the test's
+``tmp_path``; their paths are printed (``pytest -s``).
+
+The browser is Chromium from the system (Debian's ``chromium`` package; no browser download):
+``$CTXSEG_CHROMIUM``, else ``chromium`` or ``chromium-browser`` on PATH. Without one the tests
+skip, unless ``CTXSEG_REQUIRE_BROWSER=1`` (CI), where a missing browser fails them.
+
+The server's root is a temporary folder, never the checkout: it holds a copy of the notebook,
+links to the repository's top-level entries (so the notebooks find ``ROOT`` by its ``ctxseg/``
+folder as usual) and its own ``runs/``. The committed notebooks stay byte-identical (asserted).
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+
+SERVER_TIMEOUT = 180  # s for JupyterLab to answer its API
+LOAD_TIMEOUT = 120  # s for the Lab page to start and the notebook's kernel to be ready
+RUN_TIMEOUT = 300  # s for all cells of one notebook (smoke notebooks take 10-60 s under nbclient)
+RENDER_TIMEOUT = 60  # s for widget views to render after the run
+REDRAW_TIMEOUT = 90  # s for a figure to change after a slider move
+VIEWPORT = {"width": 1400, "height": 1000}
+MAX_SHOT_HEIGHT = 12000  # px: the whole-notebook screenshot grows the viewport up to this height
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+# Lab settings for a quiet, deterministic page: no news or update toasts, no autosave, every
+# cell kept in the DOM (the default windowing skips rendering cells out of view).
+LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
+    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/sessionDialogs": {"skipKernelRestartDialog": True},
+}
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+def find_chromium() -> tuple[str | None, str]:
+    """The Chromium executable to use, or None and why none was found."""
+    tried = []
+    env = os.environ.get("CTXSEG_CHROMIUM")
+    if env:
+        if os.path.isfile(env) and os.access(env, os.X_OK):
+            return env, ""
+        tried.append(f"CTXSEG_CHROMIUM={env!r} (not an executable file)")
+    else:
+        tried.append("$CTXSEG_CHROMIUM (unset)")
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found, ""
+        tried.append(f"{name!r} on PATH")
+    return None, ("no Chromium found: tried " + ", ".join(tried)
+                  + "; install Debian's `chromium` or set CTXSEG_CHROMIUM to a Chromium executable")
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, or fail where CI demands the browser test (``CTXSEG_REQUIRE_BROWSER=1``)."""
+    if os.environ.get("CTXSEG_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CTXSEG_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def test_find_chromium_reports_why(monkeypatch, tmp_path):
+    """Without a browser the finder says what it tried (so the skip reason is useful)."""
+    monkeypatch.setenv("CTXSEG_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path, reason = find_chromium()
+    assert path is None
+    assert "no-such-chromium" in reason and "'chromium' on PATH" in reason
+    fake = tmp_path / "chromium"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert find_chromium() == (str(fake), "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: the browser, the server, one page per notebook.
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path, reason = find_chromium()
+    if path is None:
+        _unavailable(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        _unavailable(f"playwright is not importable ({err}); `pip install playwright` (no browser download needed)")
+    pw = sync_playwright().start()
+    try:
+        # Loopback only: never a proxy. Playwright passes --no-sandbox itself (we may run as root).
+        b = pw.chromium.launch(executable_path=chromium, args=["--no-proxy-server", "--disable-dev-shm-usage"],
+                               timeout=120_000)
+    except Exception as err:
+        pw.stop()
+        pytest.fail(f"Chromium at {chromium} did not start: {err}", pytrace=False)
+    print(f"\nChromium {b.version} at {chromium}")
+    try:
+        yield b
+    finally:
+        b.close()
+        pw.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, token: str, method: str = "GET", timeout: float = 5):
+    """A request to the server, bypassing any proxy settings."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, method=method, headers={"Authorization": f"token {token}"},
+                                 data=b"" if method == "POST" else None)
+    with opener.open(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def _stop(proc: subprocess.Popen, url: str, token: str) -> None:
+    """Shut the server down with its kernels; then signal its process group if it lingers."""
+    if proc.poll() is None:
+        try:
+            _api(f"{url}/api/shutdown", token, method="POST")
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+    for sig, wait in ((None, 30), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        if sig is not None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Kernels left behind in the server's group (it is its own session) go too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def lab(chromium, tmp_path_factory):
+    """JupyterLab on a free loopback port; yields ``url``, ``token`` and ``root`` (served folder)."""
+    pytest.importorskip("jupyterlab")
+    pytest.importorskip("ipywidgets")
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "root"
+    (root / "notebooks").mkdir(parents=True)
+    # The notebooks find ROOT by walking up to a folder holding ctxseg/: link the checkout's
+    # top-level entries (not notebooks/, runs/ or dot-folders), so ROOT is this folder and the
+    # runs the notebooks train are written to its own runs/.
+    for entry in ROOT.iterdir():
+        if entry.name.startswith(".") or entry.name in ("notebooks", "runs"):
+            continue
+        (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+
+    dirs = {name: base / name for name in ("config", "data", "runtime", "settings", "workspaces", "ipython")}
+    for d in dirs.values():
+        d.mkdir()
+    for plugin, values in LAB_SETTINGS.items():
+        f = dirs["settings"] / f"{plugin}.jupyterlab-settings"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(values))
+
+    env = dict(os.environ)
+    for var in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "JUPYTERLAB_DIR", "JUPYTER_PREFER_ENV_PATH",
+                "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(var, None)
+    env.update(
+        JUPYTER_CONFIG_DIR=str(dirs["config"]),
+        JUPYTER_DATA_DIR=str(dirs["data"]),  # no user kernelspecs: python3 is this interpreter's
+        JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
+        JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
+        JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]),
+        IPYTHONDIR=str(dirs["ipython"]),
+        JUPYTER_PLATFORM_DIRS="1",
+        # What test_notebooks' _kernel_env sets; kernels inherit the server's environment.
+        CTXSEG_SMOKE="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        PYTHONPATH=os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
+        PYDEVD_DISABLE_FILE_VALIDATION="1",
+    )
+    port, token = _free_port(), secrets.token_hex(24)
+    url = f"http://127.0.0.1:{port}"
+    log = base / "jupyterlab.log"
+    cmd = [
+        sys.executable, "-m", "jupyterlab", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        "--ServerApp.terminals_enabled=False",
+        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp
+        "--LabApp.news_url=None",
+        "--LabApp.extension_manager=readonly",  # never asks PyPI
+        "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # CI containers run as root
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"JupyterLab exited with {proc.returncode} before answering:\n{_tail(log)}",
+                            pytrace=False)
+            try:
+                _api(f"{url}/api/status", token)
+                break
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not answer {url}/api within {SERVER_TIMEOUT} s:\n{_tail(log)}",
+                            pytrace=False)
+            time.sleep(0.5)
+        print(f"\nJupyterLab at {url} serving {root} (log: {log})")
+        yield {"url": url, "token": token, "root": root, "log": log}
+    finally:
+        _stop(proc, url, token)
+
+
+# ------------------------------------------------------------------------------------------------
+# Browser-side helpers (JavaScript run in the page; the notebook panel lives in window.__ctxseg).
+
+OPEN_JS = """
+async ([path, ms]) => {
+  // page.evaluate waits for ever: bound every wait.
+  const bounded = (promise, what) => Promise.race([promise, new Promise((_, reject) =>
+    setTimeout(() => reject(new Error(`${what} took more than ${ms / 1000} s`)), ms))]);
+  const app = window.jupyterapp;
+  await bounded(app.started.then(() => app.restored), 'starting JupyterLab');
+  const panel = await bounded(app.commands.execute('docmanager:open', {path, factory: 'Notebook'}),
+                              `opening ${path}`);
+  await bounded(panel.context.ready.then(() => panel.sessionContext.ready), `starting the kernel of ${path}`);
+  app.shell.activateById(panel.id);
+  const state = {panel, sent: {}, errors: [], kernels: []};
+  window.__ctxseg = state;
+  const watch = (kernel) => {
+    if (!kernel) return;
+    state.kernels.push(kernel.name);
+    // Every message to and from the kernel: execute requests (to name the cell of an error)
+    // and every IOPub error, wherever it is displayed (cell output or an Output widget).
+    kernel.anyMessage.connect((_, args) => {
+      const msg = args.msg;
+      const type = msg.header.msg_type;
+      if (args.direction === 'send' && type === 'execute_request') {
+        state.sent[msg.header.msg_id] = msg.content.code;
+      } else if (args.direction === 'recv' && type === 'error') {
+        const parent = msg.parent_header || {};
+        state.errors.push({parent_type: parent.msg_type || null, code: state.sent[parent.msg_id] ?? null,
+                           ename: msg.content.ename, evalue: msg.content.evalue,
+                           traceback: msg.content.traceback});
+      }
+    });
+  };
+  watch(panel.sessionContext.session?.kernel);
+  panel.sessionContext.kernelChanged.connect((_, change) => watch(change.newValue));
+  return panel.sessionContext.session?.kernel?.name ?? null;
+}
+"""
+
+RUN_ALL_JS = """
+() => {
+  const {panel} = window.__ctxseg;
+  window.jupyterapp.shell.activateById(panel.id);
+  window.jupyterapp.commands.execute('notebook:run-all-cells');
+}
+"""
+
+STATE_JS = """
+() => {
+  const s = window.__ctxseg;
+  const model = s.panel.content.model;
+  const cells = [];
+  for (let i = 0; i < model.cells.length; i++) {
+    const c = model.cells.get(i);
+    if (c.type !== 'code') continue;
+    const source = c.sharedModel.getSource();
+    cells.push({index: i, source, count: c.executionCount, running: c.executionState === 'running',
+                outputs: c.outputs.toJSON().map(o => ({output_type: o.output_type, ename: o.ename,
+                                                       evalue: o.evalue, traceback: o.traceback,
+                                                       mimes: Object.keys(o.data || {})}))});
+  }
+  const dialogs = [...document.querySelectorAll('.jp-Dialog')].map(d => d.innerText.trim());
+  return {kernel: s.panel.sessionContext.session?.kernel?.status ?? null, cells, errors: s.errors, dialogs};
+}
+"""
+
+# Widget views rendered in the notebook's output areas, ones still loading, and broken ones.
+# (A widget renderer's output node carries no data-mime-type; the view is its child.)
+WIDGETS_JS = """
+() => {
+  const node = window.__ctxseg.panel.node;
+  const outputs = [...node.querySelectorAll('.jp-OutputArea-output')];
+  return {
+    views: node.querySelectorAll('.jp-OutputArea-output > .jupyter-widgets').length,
+    loading: outputs.filter(o => o.textContent.trim().startsWith('Loading widget')).length,
+    broken: outputs.filter(o => o.textContent.includes('Error displaying widget')).length,
+  };
+}
+"""
+
+# Interacts with an integer slider and a figure in their cell's outputs (in the interact's output,
+# or, as with ipympl, a figure the callback redraws in place); each gets data-ctxseg-interact=k,
+# its cell's output area data-ctxseg-outputs=k and its first integer slider data-ctxseg-slider=k.
+INTERACTS_JS = """
+() => {
+  const panel = window.__ctxseg.panel;
+  const cells = panel.content.widgets;
+  const found = [];
+  panel.node.querySelectorAll('.widget-interact').forEach((el, k) => {
+    const outputs = el.closest('.jp-Cell-outputArea');
+    const figures = outputs ? outputs.querySelectorAll('img, canvas').length : 0;
+    const slider = [...el.querySelectorAll('.widget-hslider')].find(s => {
+      const readout = s.querySelector('.widget-readout');
+      return readout && /^-?\\d+$/.test(readout.textContent.trim()) && s.querySelector('.noUi-handle');
+    });
+    el.dataset.ctxsegInteract = String(k);
+    if (outputs) outputs.dataset.ctxsegOutputs = String(k);
+    if (slider) slider.dataset.ctxsegSlider = String(k);
+    const label = slider?.querySelector('.widget-label')?.textContent.trim() ?? null;
+    const cell = cells.findIndex(c => c.node.contains(el));
+    found.push({k, cell, figures, slider: !!slider, label});
+  });
+  return found;
+}
+"""
+
+# What the figures in the outputs of interact k's cell look like now: <img> sources, <canvas> pixels.
+FIGURES_JS = """
+(k) => {
+  const out = document.querySelector(`[data-ctxseg-outputs="${k}"]`);
+  if (!out) return '';
+  const parts = [...out.querySelectorAll('img, canvas')].map(e => {
+    if (e.tagName === 'IMG') return e.complete ? e.src : '';
+    try { return e.width && e.height ? e.toDataURL() : ''; } catch (err) { return 'tainted'; }
+  });
+  return parts.filter(Boolean).join('|');
+}
+"""
+
+HANDLE_JS = """
+(k) => {
+  const h = document.querySelector(`[data-ctxseg-slider="${k}"] .noUi-handle`);
+  return {now: h.getAttribute('aria-valuenow'), min: h.getAttribute('aria-valuemin'),
+          max: h.getAttribute('aria-valuemax')};
+}
+"""
+
+KERNEL_CHECK_JS = """
+async ([code, ms]) => {
+  const kernel = window.__ctxseg.panel.sessionContext.session.kernel;
+  const future = kernel.requestExecute({code, silent: false, store_history: false});
+  let text = '';
+  future.onIOPub = (msg) => { if (msg.header.msg_type === 'stream') text += msg.content.text; };
+  await Promise.race([future.done, new Promise((resolve) => setTimeout(resolve, ms))]);
+  return text;
+}
+"""
+
+# The notebook's full height (its scrolling element), with the file browser collapsed.
+SCROLL_HEIGHT_JS = """
+() => {
+  window.jupyterapp.shell.collapseLeft();
+  const node = window.__ctxseg.panel.content.node;
+  return Math.max(node.scrollHeight, ...[...node.querySelectorAll('*')].slice(0, 5).map(n => n.scrollHeight));
+}
+"""
+
+SCROLL_TOP_JS = """
+() => {
+  const node = window.__ctxseg.panel.content.node;
+  for (const n of [node, ...node.querySelectorAll('.jp-WindowedPanel-outer')]) n.scrollTop = 0;
+}
+"""
+
+SHUTDOWN_JS = """
+async (ms) => {
+  const s = window.__ctxseg;
+  if (!s) return;
+  await Promise.race([s.panel.sessionContext.shutdown(), new Promise((resolve) => setTimeout(resolve, ms))]);
+  s.panel.dispose();
+}
+"""
+
+
+def _first_line(source: str) -> str:
+    lines = [ln for ln in source.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", "%"))]
+    return (lines[0] if lines else source.strip())[:80]
+
+
+def _describe_error(err: dict) -> str:
+    tb = ANSI.sub("", "\n".join(err.get("traceback") or []))
+    tail = "\n".join(tb.strip().splitlines()[-6:])
+    return f"{err.get('ename')}: {err.get('evalue')}\n{tail}"
+
+
+def _where(err: dict, cells: list[dict]) -> str:
+    """The cell an IOPub error came from (by its execute request), or the widget event."""
+    if err["parent_type"] == "execute_request":
+        for c in cells:
+            if err["code"] is not None and c["source"] == err["code"]:
+                return f"cell {c['index']} ({_first_line(c['source'])!r})"
+        return "a kernel request outside the cells"
+    return f"a widget callback (kernel message {err['parent_type']!r})"
+
+
+def _screenshot(page, path: Path, whole_notebook: bool = False) -> None:
+    """Save a screenshot; the whole notebook grows the viewport to the notebook's height first."""
+    if whole_notebook:
+        height = page.evaluate(SCROLL_HEIGHT_JS)
+        page.set_viewport_size({"width": VIEWPORT["width"],
+                                "height": max(VIEWPORT["height"], min(MAX_SHOT_HEIGHT, height + 300))})
+        page.evaluate(SCROLL_TOP_JS)
+        page.wait_for_timeout(500)
+    try:
+        page.screenshot(path=str(path), full_page=True)
+    finally:
+        if whole_notebook:
+            page.set_viewport_size(VIEWPORT)
+    print(f"screenshot: {path}")
+
+
+def _wait_run(page, name: str) -> dict:
+    """Poll until every non-empty code cell ran and the kernel is idle (or a cell failed)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    settled = 0
+    while True:
+        state = page.evaluate(STATE_JS)
+        todo = [c for c in state["cells"] if c["source"].strip() and (c["count"] is None or c["running"])]
+        failed = any(o["output_type"] == "error" for c in state["cells"] for o in c["outputs"])
+        if state["kernel"] == "idle" and (not todo or failed):
+            settled += 1  # idle twice in a row: not a gap between two queued cells
+            if settled >= 2:
+                return state
+        else:
+            settled = 0
+        if state["kernel"] in ("dead", "autorestarting", "restarting"):
+            pytest.fail(f"{name}: the kernel died ({state['kernel']}); cells not run: "
+                        f"{[c['index'] for c in todo]}", pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name}: not done within {RUN_TIMEOUT} s; kernel {state['kernel']}; cells not run: "
+                        f"{[(c['index'], _first_line(c['source'])) for c in todo]}; dialogs: {state['dialogs']}",
+                        pytrace=False)
+        time.sleep(1.0)
+
+
+def _wait_widgets(page, name: str) -> dict:
+    deadline = time.monotonic() + RENDER_TIMEOUT
+    while True:
+        w = page.evaluate(WIDGETS_JS)
+        if not w["loading"] or time.monotonic() > deadline:
+            return w
+        time.sleep(0.5)
+
+
+def _check_sliders(page, name: str, stem: str, tmp_path: Path) -> list[str]:
+    """Move the first integer slider of every interact with a figure; its figure must change."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    moved = []
+    for it in page.evaluate(INTERACTS_JS):
+        if not (it["slider"] and it["figures"]):
+            continue
+        k, where = it["k"], f"{name}: cell {it['cell']}, slider {it['label']!r}"
+        before = page.evaluate(FIGURES_JS, k)
+        assert before, f"{where}: the interact's figure has not loaded"
+        handle = page.locator(f'[data-ctxseg-slider="{k}"] .noUi-handle').first
+        handle.scroll_into_view_if_needed()
+        _screenshot(page, tmp_path / f"{stem}-slider{k}-before.png")
+        pos = page.evaluate(HANDLE_JS, k)
+        key = "ArrowLeft" if float(pos["now"]) >= float(pos["max"]) else "ArrowRight"
+        errors_before = page.evaluate("() => window.__ctxseg.errors.length")
+        handle.focus()
+        handle.press(key)
+        after = page.evaluate(HANDLE_JS, k)
+        assert after["now"] != pos["now"], f"{where}: {key} on the focused handle left the value at {pos['now']}"
+        redrawn = (f"([before, n]) => {{ const now = ({FIGURES_JS})({k}); "
+                   "return (now && now !== before) || window.__ctxseg.errors.length > n; }")
+        timed_out = False
+        try:
+            page.wait_for_function(redrawn, arg=[before, errors_before], timeout=REDRAW_TIMEOUT * 1000, polling=250)
+        except PlaywrightTimeout:
+            timed_out = True
+        errors = page.evaluate("() => window.__ctxseg.errors")[errors_before:]
+        if timed_out or errors:
+            _screenshot(page, tmp_path / f"{stem}-slider{k}-after.png")
+        assert not errors, (f"{where}: moving the slider {pos['now']} -> {after['now']} raised:\n"
+                            + "\n\n".join(f"{_where(e, [])}: {_describe_error(e)}" for e in errors))
+        assert not timed_out, (f"{where}: moving the slider {pos['now']} -> {after['now']} did not redraw the figure "
+                               f"within {REDRAW_TIMEOUT} s")
+        page.wait_for_timeout(300)
+        _screenshot(page, tmp_path / f"{stem}-slider{k}-after.png")
+        print(f"{where}: {pos['now']} -> {after['now']} redrew the figure")
+        moved.append(where)
+    return moved
+
+
+SLIDERS_SEEN: list[str] = []  # slider moves that redrew a figure, over the notebooks run so far
+NOTEBOOKS_PASSED: list[str] = []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_in_browser(path, browser, lab, tmp_path):
+    import nbformat
+
+    name, stem = path.name, path.stem
+    committed = path.read_bytes()
+    nb = nbformat.reads(committed.decode(), as_version=4)
+    served = lab["root"] / "notebooks" / name
+    served.write_bytes(committed)
+    expects_widgets = nb.metadata.get("ctxseg", {}).get("expects_widgets", True)
+
+    context = browser.new_context(viewport=VIEWPORT, extra_http_headers={"Authorization": f"token {lab['token']}"})
+    context.set_default_timeout(LOAD_TIMEOUT * 1000)
+    page = context.new_page()
+    console = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    start = time.perf_counter()
+    try:
+        page.goto(f"{lab['url']}/lab/workspaces/ctxseg-{stem}?token={lab['token']}", wait_until="domcontentloaded")
+        page.wait_for_function("() => !!window.jupyterapp", timeout=LOAD_TIMEOUT * 1000)
+        kernel = page.evaluate(OPEN_JS, [f"notebooks/{name}", LOAD_TIMEOUT * 1000])
+        assert kernel == "python3", f"{name}: the notebook opened with kernel {kernel!r}, expected python3"
+        page.evaluate(RUN_ALL_JS)
+        state = _wait_run(page, name)
+        print(f"{name}: ran in the browser in {time.perf_counter() - start:.1f} s")
+        widgets = _wait_widgets(page, name)
+        _screenshot(page, tmp_path / f"{stem}.png", whole_notebook=True)
+
+        cell_errors = [f"cell {c['index']} ({_first_line(c['source'])!r}): {_describe_error(o)}"
+                       for c in state["cells"] for o in c["outputs"] if o["output_type"] == "error"]
+        assert not cell_errors, f"{name}: cells raised in the browser:\n" + "\n\n".join(cell_errors)
+        not_run = [c["index"] for c in state["cells"] if c["source"].strip() and c["count"] is None]
+        assert not not_run, f"{name}: cells without an execution count after the run: {not_run} (kernel {state['kernel']})"
+        kernel_errors = [f"{_where(e, state['cells'])}: {_describe_error(e)}" for e in state["errors"]]
+        assert not kernel_errors, (f"{name}: errors shown outside cell outputs (e.g. in a widget Output area):\n"
+                                   + "\n\n".join(kernel_errors))
+        assert not widgets["broken"], f"{name}: a widget shows 'Error displaying widget' (console: {console[-5:]})"
+        assert not widgets["loading"], f"{name}: {widgets['loading']} widget(s) still 'Loading widget...' after {RENDER_TIMEOUT} s"
+        if expects_widgets:
+            n_widgets = sum(WIDGET_MIME in o["mimes"] for c in state["cells"] for o in c["outputs"])
+            assert n_widgets, f"{name}: no cell displayed an ipywidget ({WIDGET_MIME})"
+            assert widgets["views"], (f"{name}: none of the {n_widgets} widget outputs rendered a view; "
+                                      "a notebook without widgets sets metadata ctxseg.expects_widgets = false")
+
+        # The kernel was this interpreter, in smoke mode (a request outside the cells: no history).
+        probe = page.evaluate(KERNEL_CHECK_JS, ["import os, sys; print(sys.executable); "
+                                                "print(os.environ.get('CTXSEG_SMOKE'))", LOAD_TIMEOUT * 1000])
+        executable, smoke = (probe.splitlines() + ["", ""])[:2]
+        assert Path(executable).resolve() == Path(sys.executable).resolve(), f"{name}: kernel ran {executable}"
+        assert smoke == "1", f"{name}: CTXSEG_SMOKE in the kernel is {smoke!r}"
+
+        moved = _check_sliders(page, name, stem, tmp_path)
+        SLIDERS_SEEN.extend(moved)
+        late = [f"{_where(e, state['cells'])}: {_describe_error(e)}"
+                for e in page.evaluate("() => window.__ctxseg.errors")]
+        assert not late, f"{name}: errors after moving the sliders:\n" + "\n\n".join(late)
+        print(f"{name}: checked in {time.perf_counter() - start:.1f} s")
+        NOTEBOOKS_PASSED.append(name)
+    except Exception:
+        if console:
+            print(f"{name}: browser console errors:\n  " + "\n  ".join(console[-20:]))
+        try:
+            _screenshot(page, tmp_path / f"{stem}-failure.png")
+            (tmp_path / f"{stem}-failure.html").write_text(page.content())
+        except Exception:
+            pass
+        print(f"server log tail:\n{_tail(lab['log'], 2000)}")
+        raise
+    finally:
+        try:
+            page.evaluate(SHUTDOWN_JS, 30_000)
+        except Exception:
+            pass
+        context.close()
+        assert path.read_bytes() == committed, (f"{name}: the committed notebook changed during the browser run "
+                                                f"(the browser only had the copy {served})")
+
+
+def test_a_slider_redrew_a_figure():
+    """Across the notebooks, at least one interact slider redrew its figure (runs after them)."""
+    if not NOTEBOOKS_PASSED:
+        pytest.skip("no browser notebook test passed in this session")
+    assert SLIDERS_SEEN, f"none of {NOTEBOOKS_PASSED} has an interact whose integer slider redraws a figure"
