@@ -394,6 +394,21 @@ FIGURES_JS = """
 }
 """
 
+# Every ipympl figure (a canvas widget, e.g. notebook 05's explorer) has a size and drawn pixels:
+# an ipympl figure closed by a backend switch renders as an empty box without any error.
+MPL_FIGURES_JS = """
+() => [...document.querySelectorAll('.jupyter-matplotlib-figure')].map(fig => {
+  const c = fig.querySelector('canvas');
+  if (!c || !c.width || !c.height) return {w: c ? c.width : 0, h: c ? c.height : 0, drawn: false};
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let drawn = false;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i + 3] && (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250)) { drawn = true; break; }
+  }
+  return {w: c.width, h: c.height, drawn};
+})
+"""
+
 HANDLE_JS = """
 (k) => {
   const h = document.querySelector(`[data-ctxseg-slider="${k}"] .noUi-handle`);
@@ -600,6 +615,13 @@ def test_notebook_in_browser(path, browser, lab, tmp_path):
             assert n_widgets, f"{name}: no cell displayed an ipywidget ({WIDGET_MIME})"
             assert widgets["views"], (f"{name}: none of the {n_widgets} widget outputs rendered a view; "
                                       "a notebook without widgets sets metadata ctxseg.expects_widgets = false")
+
+        figures = page.evaluate(MPL_FIGURES_JS)
+        if figures and not all(f["drawn"] for f in figures):
+            page.wait_for_timeout(RENDER_TIMEOUT * 1000 // 4)
+            figures = page.evaluate(MPL_FIGURES_JS)
+        blank = [f for f in figures if not f["drawn"]]
+        assert not blank, f"{name}: {len(blank)} of {len(figures)} ipympl figures drew nothing: {blank}"
 
         # The kernel was this interpreter, in smoke mode (a request outside the cells: no history).
         probe = page.evaluate(KERNEL_CHECK_JS, ["import os, sys; print(sys.executable); "

@@ -258,3 +258,13 @@ def test_pixel_embeddings_cache_is_keyed_by_the_checkpoint(tmp_path, monkeypatch
     torch.save(state, ckpt)
     with pytest.raises(pytest.fail.Exception):
         E.pixel_embeddings(tmp_path / "run", sample, "projection", dataset=ds, progress=False)
+
+
+def test_widget_figure_is_an_ipympl_canvas_that_leaves_the_backend_alone():
+    import ipywidgets
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    fig, axes = E.widget_figure(3, figsize=(6, 2))
+    assert isinstance(fig.canvas, ipywidgets.DOMWidget) and len(axes) == 3
+    assert matplotlib.get_backend() == before

@@ -217,8 +217,9 @@ def at_pixels(maps: torch.Tensor, y: torch.Tensor, x: torch.Tensor, size: tuple[
     ``maps`` upsampled to ``size`` with ``F.interpolate(bilinear, align_corners=False)`` and read
     at (y, x), without materialising the upsampled maps. y, x: (B, P). Returns (B, P, D)."""
     h, w = size
-    grid = torch.stack([(x.float() + 0.5) / w * 2 - 1, (y.float() + 0.5) / h * 2 - 1], -1)[:, :, None]
-    v = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    x, y = x.to(maps.dtype), y.to(maps.dtype)
+    grid = torch.stack([(x + 0.5) / w * 2 - 1, (y + 0.5) / h * 2 - 1], -1)[:, :, None]
+    v = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return v[..., 0].transpose(1, 2)
 
 
@@ -462,6 +463,26 @@ def nearest_point(xy: np.ndarray, x: float, y: float) -> int:
     return int(np.argmin(((xy - np.array([x, y])) ** 2).sum(1)))
 
 
+def widget_figure(ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.0)):
+    """(figure, axes) drawn by ipympl as a widget, ``fig.canvas`` (zoom, pan, mouse events, lasso
+    selectors in JupyterLab), whatever the notebook's backend. It stays out of pyplot, so
+    ``%matplotlib inline`` keeps drawing the other figures as images, and neither ``plt.show()``
+    nor a backend switch (which closes pyplot's figures) touches it."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    backend = matplotlib.get_backend()
+    from ipympl.backend_nbagg import Canvas, FigureManager  # importing ipympl makes itself the backend
+
+    if matplotlib.get_backend() != backend:
+        matplotlib.use(backend)  # give the notebook its own back
+    fig = Figure(figsize=figsize, layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    FigureManager(Canvas(fig), 0)
+    fig.canvas.header_visible = False
+    return fig, axes
+
+
 def plot_embedding(xy: np.ndarray, emb: Embeddings, info: DatasetInfo, show: np.ndarray | None = None,
                    color: str = "label", ax=None, title: str | None = None, size: float = 3.0,
                    highlight: np.ndarray | None = None):
@@ -553,5 +574,5 @@ def show_pixel_locations(dataset, sample: PixelSample, indices: Sequence[int], i
                  for name, p in preds.items()]
         top = np.bincount(sample.label[indices], minlength=len(names))
         fig.suptitle("selected: " + ", ".join(f"{names[c]} {top[c]}" for c in np.argsort(-top)[:3] if top[c])
-                     + "  ·  " + "  ".join(lines), fontsize=9)
+                     + "\n" + "  ".join(lines), fontsize=9, wrap=True)
     return fig
