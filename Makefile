@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pixel_contrast.py
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_wsss.py
+	$(PY) benchmarks/bench_umap.py
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

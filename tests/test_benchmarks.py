@@ -45,3 +45,10 @@ def test_pixel_contrast_benchmark_compares_three_variants():
 def test_anchor_coverage_reports_every_class():
     out = run_bench("anchor_coverage.py", "--crop", "64", "64", "--samples", "3", "--max-views", "10")
     assert "grid 16x16" in out and len(out.strip().splitlines()) == 2 + 8, out
+
+
+def test_umap_benchmark_times_each_path_against_the_fast_one():
+    out = run_bench("bench_umap.py", "--points", "300", "--dim", "8", "--paths", "fast", "reproducible")
+    rows = [line for line in out.splitlines() if line.startswith(("fast ", "reproducible "))]
+    assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x"), out
+    assert "the 30 s goal at 300 points" in out, out

@@ -258,6 +258,14 @@ def test_pixel_embeddings_cache_is_keyed_by_the_checkpoint(tmp_path, monkeypatch
     torch.save(state, ckpt)
     with pytest.raises(pytest.fail.Exception):
         E.pixel_embeddings(tmp_path / "run", sample, "projection", dataset=ds, progress=False)
+    monkeypatch.undo()
+    # Any checkpoint file, or the export (decoder features only: its heads are dropped).
+    by_file = E.pixel_embeddings(ckpt, sample, "projection", dataset=ds, progress=False)
+    assert not np.array_equal(by_file.x, first.x) and list((ckpt.parent / "cache").glob("emb-*.npz"))
+    export = E.pixel_embeddings(tmp_path / "run" / "model.safetensors", sample, "decoder", dataset=ds, progress=False)
+    assert export.x.shape == (len(sample), loaded.decoder_channels) and not export.normalized
+    with pytest.raises(ValueError, match="projection"):
+        E.pixel_embeddings(tmp_path / "run" / "model.safetensors", sample, "projection", dataset=ds, progress=False)
 
 
 def test_widget_figure_is_an_ipympl_canvas_that_leaves_the_backend_alone():

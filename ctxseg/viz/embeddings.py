@@ -165,7 +165,7 @@ def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
     from ctxseg.methods import get_method
 
     run = Path(run)
-    ckpts = list_checkpoints(run / "ckpt") if run.is_dir() else [run]
+    ckpts = list_checkpoints(run / "ckpt") if run.is_dir() else [run] if run.suffix == ".pt" else []
     if not ckpts:
         model, cfg, meta = load_trained(run, device)
         return model, cfg, Path(meta["path"])
@@ -284,11 +284,18 @@ def _save_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def _cache_dir(run: str | Path) -> Path:
+    """``cache/`` in a run folder, or beside a checkpoint or export file."""
+    run = Path(run)
+    return (run if run.is_dir() else run.parent) / "cache"
+
+
 def pixel_embeddings(run: str | Path, sample: PixelSample, feature: str = "decoder", dataset=None,
                      split: str | None = None, cache: bool = True, device: torch.device | str = "cpu",
                      progress: bool = True) -> Embeddings:
-    """Embeddings of ``sample``'s pixels by the run in folder ``run``, cached in ``run/cache``
-    under a key of the checkpoint's contents, the sampling and the feature.
+    """Embeddings of ``sample``'s pixels by ``run`` (a run folder, a ``.pt`` checkpoint or a
+    ``.safetensors`` export; see ``load_run_model``), cached in the run's ``cache/`` folder (or
+    beside the file) under a key of the checkpoint's contents, the sampling and the feature.
 
     ``dataset`` is the dataset ``sample`` was drawn from (default: the run's ``split``, which
     defaults to its ``eval_split``).
@@ -299,7 +306,7 @@ def pixel_embeddings(run: str | Path, sample: PixelSample, feature: str = "decod
     split = split or cfg.eval_split
     key = _digest({"v": CACHE_VERSION, "ckpt": _file_digest(ckpt), "sample": sample.key(), "split": split,
                    "feature": feature})
-    path = Path(run) / "cache" / f"emb-{key}.npz"
+    path = _cache_dir(run) / f"emb-{key}.npz"
     dataset = dataset if dataset is not None else eval_dataset(cfg, split)
     if cache and path.is_file():
         with np.load(path) as z:
@@ -339,7 +346,7 @@ def umap_2d(emb: Embeddings | np.ndarray, n_neighbors: int = 15, min_dist: float
               "seed": seed if mode == "reproducible" else None}
     path = None
     if isinstance(emb, Embeddings) and emb.key:
-        cache_dir = Path(cache_dir) if cache_dir is not None else Path(emb.run) / "cache"
+        cache_dir = Path(cache_dir) if cache_dir is not None else _cache_dir(emb.run)
         path = cache_dir / f"umap-{_digest({'emb': emb.key, **params})}.npz"
     elif cache_dir is not None:
         path = Path(cache_dir) / f"umap-{_digest({'x': hashlib.sha256(x.tobytes()).hexdigest(), **params})}.npz"
