@@ -530,14 +530,18 @@ def plot_embedding(xy: np.ndarray, emb: Embeddings, info: DatasetInfo, show: np.
 def plot_embeddings(layouts: Mapping[str, tuple[np.ndarray, Embeddings]], info: DatasetInfo,
                     show: np.ndarray | None = None, color: str = "label", scores: Mapping[str, dict] | None = None,
                     highlight: np.ndarray | None = None, size: float = 3.0, axes=None):
-    """Side-by-side layouts of the same pixels, one panel per name; ``scores`` (from
-    ``embedding_scores``) go in the titles. Returns the figure."""
+    """Side-by-side layouts of the same pixels, one panel per name (three to a row); ``scores``
+    (from ``embedding_scores``) go in the titles. Returns the figure."""
     import matplotlib.pyplot as plt
 
     if axes is None:
-        fig, axes = plt.subplots(1, len(layouts), figsize=(4.6 * len(layouts), 4.8), layout="constrained",
+        ncols = min(3, len(layouts))
+        nrows = -(-len(layouts) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.8 * nrows), layout="constrained",
                                  squeeze=False)
-        axes = axes[0]
+        for ax in axes.flat[len(layouts):]:
+            ax.axis("off")
+        axes = axes.flat
     for ax, (name, (xy, emb)) in zip(axes, layouts.items()):
         title = f"{name} · {emb.feature}"
         if scores and name in scores:
