@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ctxseg.config import make_config
 from ctxseg.data.base import DatasetInfo
 from ctxseg.viz import embeddings as E
+from ctxseg.viz.plots import edge_band
 
 INFO = DatasetInfo("toy", ("a", "b", "c", "d"), ((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)), ignore_index=255)
 
@@ -79,9 +80,9 @@ def test_sample_pixels_rejects_bad_settings():
 
 
 @pytest.mark.parametrize("d", [0, 1, 2])
-def test_near_boundary_matches_a_window_loop(d):
+def test_near_boundary_band_matches_a_window_loop(d):
     mask = ToyDataset(n=1, h=9, w=11, seed=4).masks[0]
-    got = E.near_boundary(mask, d, INFO.num_classes, 255)
+    got = edge_band(mask, d, ignore_index=255)
     h, w = mask.shape
     for y in range(h):
         for x in range(w):

@@ -16,12 +16,13 @@ puts the same pixels side by side. UMAP (umap-learn) is imported only when a lay
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ class PixelSample:
         y, x: its row and column at the label resolution.
         label: its ground-truth class.
         near_boundary: whether a pixel of another class lies within ``boundary_px`` pixels
-            (Chebyshev distance: the (2d+1)x(2d+1) window around it).
+            (Chebyshev distance: the (2d+1)x(2d+1) window around it; ``plots.edge_band``).
         per_class, boundary_px, seed: the sampling parameters.
         dataset: the dataset's name and size, part of the cache key.
     """
@@ -68,15 +69,6 @@ class PixelSample:
                 "seed": self.seed, "n": len(self)}
 
 
-def near_boundary(mask: torch.Tensor, d: int, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """(H, W) bool: pixels with a pixel of another (non-ignored) class within the (2d+1)x(2d+1)
-    window around them. The image border is not a boundary; ignored pixels count as no class."""
-    valid = mask != ignore_index
-    onehot = F.one_hot(torch.where(valid, mask, 0), num_classes).permute(2, 0, 1).float() * valid
-    present = F.max_pool2d(onehot[None], 2 * d + 1, stride=1, padding=d)[0]  # classes in the window
-    return (present.sum(0) > 1) & valid if d > 0 else torch.zeros_like(valid)
-
-
 def sample_pixels(dataset, per_class: int = 500, boundary_px: int = 3, seed: int = 0,
                   progress: bool = False) -> PixelSample:
     """Up to ``per_class`` pixels of every class, drawn uniformly without replacement from all of
@@ -88,6 +80,8 @@ def sample_pixels(dataset, per_class: int = 500, boundary_px: int = 3, seed: int
     if boundary_px < 0:
         raise ValueError(f"boundary_px must be >= 0, got {boundary_px}")
     from tqdm.auto import tqdm
+
+    from ctxseg.viz.plots import edge_band
 
     info: DatasetInfo = dataset.info
     k = info.num_classes
@@ -101,7 +95,7 @@ def sample_pixels(dataset, per_class: int = 500, boundary_px: int = 3, seed: int
         idx = torch.nonzero(flat != info.ignore_index)[:, 0]
         if not len(idx):
             continue
-        near = near_boundary(mask, boundary_px, k, info.ignore_index).reshape(-1)
+        near = edge_band(mask, boundary_px, info.ignore_index).reshape(-1)
         new = {"image": torch.full_like(idx, i), "y": idx // w, "x": idx % w, "label": flat[idx],
                "near_boundary": near[idx], "prio": prio[idx]}
         kept = new if kept is None else {n: torch.cat([kept[n], new[n]]) for n in new}
@@ -111,7 +105,12 @@ def sample_pixels(dataset, per_class: int = 500, boundary_px: int = 3, seed: int
     # Rows come grouped by class, in priority order within each: a canonical order.
     return PixelSample(**{n: kept[n].numpy() for n in ("image", "y", "x", "label", "near_boundary")},
                        per_class=per_class, boundary_px=boundary_px, seed=seed,
-                       dataset=f"{info.name}:{getattr(dataset, 'split', '?')}:{len(dataset)}")
+                       dataset=_dataset_id(dataset))
+
+
+def _dataset_id(dataset) -> str:
+    """Name, split and length: which images a sample's indices point into."""
+    return f"{dataset.info.name}:{getattr(dataset, 'split', '?')}:{len(dataset)}"
 
 
 def _top_per_class(rows: dict, num_classes: int, n: int) -> dict:
@@ -139,7 +138,6 @@ class Embeddings:
     normalized: bool
     run: str = ""
     key: str = ""  # identifies checkpoint + sampling + feature (the UMAP cache key builds on it)
-    info: DatasetInfo | None = field(default=None, repr=False)
 
     @property
     def metric(self) -> str:
@@ -151,6 +149,22 @@ class Embeddings:
         return self.pred == self.sample.label
 
 
+def checkpoint_path(run: str | Path) -> Path:
+    """The file ``load_run_model`` reads: a run folder's newest ``ckpt/step_*.pt``, else its
+    ``model.safetensors``; a ``.pt`` or ``.safetensors`` path is itself."""
+    from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints
+
+    run = Path(run)
+    if not run.is_dir():
+        return run
+    ckpts = list_checkpoints(run / "ckpt")
+    if ckpts:
+        return ckpts[-1]
+    if (run / "model.safetensors").is_file():
+        return run / "model.safetensors"
+    raise CheckpointError(f"{run} holds neither ckpt/step_*.pt nor model.safetensors")
+
+
 def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
     """A run's model *with* its training-only heads (the projection heads live only in the
     checkpoints, not in the exported model): its newest ``ckpt/step_*.pt``, or its exported
@@ -160,26 +174,25 @@ def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
     """
     from ctxseg.config import from_plain
     from ctxseg.data import DATASETS
-    from ctxseg.engine.checkpoint import list_checkpoints, load_checkpoint
+    from ctxseg.engine.checkpoint import load_checkpoint
     from ctxseg.engine.evaluate import build_model, load_trained
     from ctxseg.methods import get_method
 
-    run = Path(run)
-    ckpts = list_checkpoints(run / "ckpt") if run.is_dir() else [run] if run.suffix == ".pt" else []
-    if not ckpts:
-        model, cfg, meta = load_trained(run, device)
-        return model, cfg, Path(meta["path"])
-    state = load_checkpoint(ckpts[-1])
+    ckpt = checkpoint_path(run)
+    if ckpt.suffix != ".pt":
+        model, cfg, _ = load_trained(ckpt, device)
+        return model, cfg, ckpt
+    state = load_checkpoint(ckpt)
     method_cls = get_method(state["config"].get("method", "ce"))
     cfg = from_plain(method_cls.config_class, state["config"])
     names = list(state["class_names"])
     info = DATASETS[cfg.data].info
     if list(info.class_names) != names:
-        raise ValueError(f"{ckpts[-1]}: class names {names} differ from dataset {cfg.data!r}'s {list(info.class_names)}")
+        raise ValueError(f"{ckpt}: class names {names} differ from dataset {cfg.data!r}'s {list(info.class_names)}")
     method = method_cls(cfg, info, total_iters=cfg.iters or 0)
     model = build_model(cfg, len(names), heads=method.heads)
     model.load_state_dict(state["model"], strict=True)
-    return model.to(device).eval(), cfg, ckpts[-1]
+    return model.to(device).eval(), cfg, ckpt
 
 
 def feature_names(model) -> list[str]:
@@ -259,16 +272,22 @@ def embed_pixels(model, dataset, sample: PixelSample, feature: str = "decoder", 
         for j, r in enumerate(rows):
             x[r] = feats[j, :len(r)].cpu().numpy()
             pred[r] = logits[j, :len(r)].argmax(-1).cpu().numpy()
-    return Embeddings(sample=sample, x=x, pred=pred, feature=feature, normalized=normalized,
-                      info=getattr(dataset, "info", None))
+    return Embeddings(sample=sample, x=x, pred=pred, feature=feature, normalized=normalized)
 
 
-def _file_digest(path: Path) -> str:
+@functools.lru_cache(maxsize=64)
+def _file_digest_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's contents, hashed once per (path, size, modification time)."""
+    st = Path(path).stat()
+    return _file_digest_of(str(path), st.st_size, st.st_mtime_ns)
 
 
 def _digest(obj) -> str:
@@ -298,20 +317,22 @@ def pixel_embeddings(run: str | Path, sample: PixelSample, feature: str = "decod
     beside the file) under a key of the checkpoint's contents, the sampling and the feature.
 
     ``dataset`` is the dataset ``sample`` was drawn from (default: the run's ``split``, which
-    defaults to its ``eval_split``).
+    defaults to its ``eval_split``). A cache hit reads neither the model nor the images.
     """
     from ctxseg.engine.evaluate import eval_dataset
 
-    model, cfg, ckpt = load_run_model(run, device)
-    split = split or cfg.eval_split
-    key = _digest({"v": CACHE_VERSION, "ckpt": _file_digest(ckpt), "sample": sample.key(), "split": split,
+    key = _digest({"v": CACHE_VERSION, "ckpt": _file_digest(checkpoint_path(run)), "sample": sample.key(),
                    "feature": feature})
     path = _cache_dir(run) / f"emb-{key}.npz"
-    dataset = dataset if dataset is not None else eval_dataset(cfg, split)
     if cache and path.is_file():
         with np.load(path) as z:
             return Embeddings(sample=sample, x=z["x"], pred=z["pred"], feature=feature,
-                              normalized=bool(z["normalized"]), run=str(run), key=key, info=dataset.info)
+                              normalized=bool(z["normalized"]), run=str(run), key=key)
+    model, cfg, _ = load_run_model(run, device)
+    dataset = dataset if dataset is not None else eval_dataset(cfg, split or cfg.eval_split)
+    if _dataset_id(dataset) != sample.dataset:
+        raise ValueError(f"the sample was drawn from {sample.dataset}, not from {_dataset_id(dataset)}; pass the "
+                         "dataset it came from")
     emb = embed_pixels(model, dataset, sample, feature, device=device, progress=progress)
     emb.run, emb.key = str(run), key
     if cache:
@@ -435,7 +456,7 @@ def embedding_scores(x: np.ndarray, labels: np.ndarray, metric: str = "euclidean
     Both need at least two classes; a class with fewer points than ``folds`` lowers ``folds``.
     """
     from sklearn.metrics import silhouette_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
 
     labels = np.asarray(labels)
@@ -448,10 +469,8 @@ def embedding_scores(x: np.ndarray, labels: np.ndarray, metric: str = "euclidean
         return {"silhouette": silhouette, "knn_accuracy": float("nan")}
     knn = KNeighborsClassifier(n_neighbors=k, metric=metric)
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    acc = cross_val_score(knn, x, labels, cv=cv, scoring="accuracy")
-    # cross_val_score averages the folds' accuracies; weight them by fold size for the pooled one.
-    sizes = np.array([len(test) for _, test in cv.split(x, labels)])
-    return {"silhouette": silhouette, "knn_accuracy": float((acc * sizes).sum() / sizes.sum())}
+    predicted = cross_val_predict(knn, x, labels, cv=cv)  # each point voted on by the other folds
+    return {"silhouette": silhouette, "knn_accuracy": float((predicted == labels).mean())}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import torch
 
 from ctxseg.data.base import DatasetInfo, tags_from_mask
 from ctxseg.data.transforms import denormalize
-from ctxseg.engine.metrics import boundary_region
 
 
 def _figure(ax, figsize):
@@ -655,18 +654,23 @@ def plot_confusion(cm, class_names: Sequence[str], normalize: str | None = "true
 CORRECT, BOUNDARY_ERROR, INTERIOR_ERROR, IGNORED = 0, 1, 2, 3
 
 
-def edge_band(target, boundary_px: int = 3) -> torch.Tensor:
-    """The (H, W) bool mask of pixels within ``boundary_px`` pixels of a ground-truth edge.
-
-    It is :func:`ctxseg.engine.metrics.boundary_region` of every label present (the ignore label
-    included, as Boundary IoU does), except that the image border is not an edge here: the label
-    map is padded by replication before the band is taken.
+def edge_band(target, boundary_px: int = 3, ignore_index: int | None = None) -> torch.Tensor:
+    """The (H, W) bool mask of pixels within ``boundary_px`` pixels (the (2d+1)x(2d+1) window)
+    of a ground-truth edge: a pixel whose window holds another label. The image border is not an
+    edge. By default the ignore label is a label like any other, so its outline is an edge, as in
+    Boundary IoU; with ``ignore_index`` its pixels are neither edges nor in the band.
     """
     target = torch.as_tensor(np.asarray(target)).long()
-    h, w, d = *target.shape, boundary_px
-    padded = torch.nn.functional.pad(target[None, None].float(), (d, d, d, d), mode="replicate")[0, 0].long()
-    labels = padded.unique()
-    return boundary_region(padded[None] == labels[:, None, None], d).any(0)[d : d + h, d : d + w]
+    if boundary_px <= 0:
+        return torch.zeros(target.shape, dtype=torch.bool)
+    labels, index = target.unique(return_inverse=True)
+    onehot = torch.nn.functional.one_hot(index, len(labels)).permute(2, 0, 1).float()
+    inside = torch.ones_like(target, dtype=torch.bool)
+    if ignore_index is not None:
+        onehot, inside = onehot[labels != ignore_index], target != ignore_index
+    d = boundary_px
+    present = torch.nn.functional.max_pool2d(onehot[None], 2 * d + 1, stride=1, padding=d)[0]  # labels in the window
+    return (present.sum(0) > 1) & inside
 
 
 def boundary_error_map(pred, target, boundary_px: int = 3, ignore_index: int = 255) -> np.ndarray:

@@ -34,29 +34,23 @@ def _same_data(runs: list[dict]) -> list[dict]:
                                                                               "eval_split"))]
 
 
-def _umap_section(runs: list[dict], per_class: int, progress: bool) -> list[str]:
-    """The same pixels embedded by every run on the first run's images, side by side."""
+def _umap_section(same: list[dict], ds, per_class: int, progress: bool) -> list[str]:
+    """The same pixels of ``ds`` embedded by every run of ``same``, side by side."""
     from ctxseg.viz.embeddings import (
+        checkpoint_path,
         embedding_scores,
-        feature_names,
-        load_run_model,
         pixel_embeddings,
         plot_embeddings,
         sample_pixels,
         umap_2d,
     )
 
-    same = _same_data(runs)
-    _, cfg, _ = load_run_model(same[0]["path"])
-    from ctxseg.engine.evaluate import eval_dataset
-
-    ds = eval_dataset(cfg, cfg.eval_split)
     sample = sample_pixels(ds, per_class=per_class, boundary_px=3, seed=0, progress=progress)
     layouts, scores = {}, {}
     for r in same:
-        model, _, _ = load_run_model(r["path"])
-        feature = DEFAULT_FEATURE.get(r["config"].get("method"), "decoder")
-        feature = feature if feature in feature_names(model) else "decoder"
+        # The training heads live only in the checkpoints: an exported-only run has its decoder.
+        has_heads = checkpoint_path(r["path"]).suffix == ".pt"
+        feature = DEFAULT_FEATURE.get(r["config"].get("method"), "decoder") if has_heads else "decoder"
         emb = pixel_embeddings(r["path"], sample, feature, dataset=ds, progress=progress)
         layouts[r["name"]] = (umap_2d(emb, mode="reproducible", seed=0, progress=progress), emb)
         scores[r["name"]] = embedding_scores(emb.x, sample.label, metric=emb.metric)
@@ -67,7 +61,7 @@ def _umap_section(runs: list[dict], per_class: int, progress: bool) -> list[str]
     )
     return [
         "<h2>Pixel embeddings (UMAP)</h2>",
-        f"<p>The same {len(sample)} {cfg.eval_split} pixels (up to {per_class} per class, drawn uniformly from each "
+        f"<p>The same {len(sample)} {ds.split} pixels (up to {per_class} per class, drawn uniformly from each "
         "class's pixels) embedded by each run with the feature its loss shapes; UMAP with 15 neighbours, min_dist "
         "0.1, seeded. Colour: ground-truth class. The scores are computed in the embedding space itself "
         "(scikit-learn): silhouette, and the accuracy of a 10-nearest-neighbour vote (5-fold); seg acc is the "
@@ -101,11 +95,12 @@ def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctx
         "<h2>Per-class IoU</h2>",
         _png(plot_per_class_iou({r["name"]: r["final"] for r in runs})),
     ]
-    if umap:
-        parts += _umap_section(runs, per_class, progress)
-    models = {r["name"]: load_trained(r["path"]) for r in _same_data(runs)}
+    same = _same_data(runs)
+    models = {r["name"]: load_trained(r["path"]) for r in same}
     cfg = next(iter(models.values()))[1]
     ds = eval_dataset(cfg, cfg.eval_split)
+    if umap:
+        parts += _umap_section(same, ds, per_class, progress)
     parts += [f"<h2>Example predictions ({cfg.eval_split})</h2>",
               _png(show_prediction_grid({n: m[0] for n, m in models.items()}, ds, list(range(min(examples, len(ds))))))]
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
