@@ -27,7 +27,16 @@ class TrainConfig:
         data: dataset name: synthetic | camvid | cityscapes | ade20k | voc.
         data_root: dataset folder (default ``data/<name>``; unused for synthetic).
         encoder: timm encoder name (``features_only=True`` must give strides 4..32).
-        pretrained: load timm's pretrained encoder weights (needs network access).
+        pretrained: encoder weights: ``false`` (from scratch), ``true`` (ImageNet: packaged with
+            ctxseg for the EfficientNet-Lite encoders, so offline; timm's hub for the others) or a
+            path to a local ``.pth``/``.pt``/``.safetensors`` timm state dict.
+        norm_mean, norm_std: the input normalisation the encoder expects (RGB, [0, 1] units);
+            None: from the weights' pretrained config (``input_normalization``; ImageNet's for a
+            from-scratch encoder). Training stores the resolved values in config.yaml and every
+            checkpoint, and the model applies them, so eval, export and viz normalise as training.
+        encoder_lr_mult: the encoder's learning rate as a multiple of ``lr`` (the decoder, the
+            classifier and the training-only heads use ``lr``); fine-tuning recipes use < 1.
+        freeze_encoder_bn: keep the encoder's BatchNorm statistics frozen (affine still trained).
         decoder_channels: width of the FPN decoder.
         epochs: training length in epochs (used when ``iters`` is not set).
         iters: training length in optimizer steps (wins over ``epochs``).
@@ -63,7 +72,11 @@ class TrainConfig:
     data: str = "synthetic"
     data_root: str | None = None
     encoder: str = "resnet18"
-    pretrained: bool = False
+    pretrained: bool | str = False
+    norm_mean: tuple[float, float, float] | None = None
+    norm_std: tuple[float, float, float] | None = None
+    encoder_lr_mult: float = 1.0
+    freeze_encoder_bn: bool = False
     decoder_channels: int = 128
     epochs: int | None = None
     iters: int | None = None
@@ -121,7 +134,21 @@ class TrainConfig:
             raise ValueError(f"crop must be two positive ints H W, got {self.crop}")
         if self.ckpt_every <= 0 or self.keep_ckpts <= 0:
             raise ValueError("ckpt_every and keep_ckpts must be positive")
+        if self.encoder_lr_mult < 0:
+            raise ValueError(f"encoder_lr_mult must be >= 0, got {self.encoder_lr_mult}")
+        if isinstance(self.pretrained, str) and not self.pretrained.strip():
+            raise ValueError("pretrained must be true, false or a path to a weights file, got an empty string")
         return self
+
+    def with_normalization(self) -> TrainConfig:
+        """A copy with ``norm_mean`` / ``norm_std`` filled from the encoder's pretrained config when
+        they are None (what training stores, so the run never depends on timm's table again)."""
+        if self.norm_mean is not None and self.norm_std is not None:
+            return self
+        from ctxseg.models.pretrained import input_normalization
+
+        mean, std = input_normalization(self.encoder, self.pretrained)
+        return dataclasses.replace(self, norm_mean=self.norm_mean or mean, norm_std=self.norm_std or std)
 
 
 # Per-dataset defaults, applied before the YAML file and the command line. The real datasets use
@@ -163,7 +190,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        for i, a in enumerate(inner):
+            try:
+                return _coerce(key, value, a)
+            except ValueError:
+                if i == len(inner) - 1:
+                    raise
     try:
         if origin is tuple:
             if isinstance(value, str):

