@@ -2,7 +2,8 @@
 
     python benchmarks/bench_train_step.py [--methods ce ...] [--batch-size 8] [--size 128 128]
 
-A method may carry settings: ``pixel_contrast:memory=true,memory_size=1000``.
+A method may carry settings: ``pixel_contrast:memory=true,memory_size=1000`` (values read as YAML,
+parsed by ``ctxseg.study.parse_method_spec``, as ``python -m ctxseg study --methods`` reads them).
 
 Prints ms per step (median of --repeats after --warmup steps) and each method's ratio to ce.
 Numbers are for comparison within one run on one machine; never assert on them in tests.
@@ -16,10 +17,11 @@ import time
 
 import torch
 
-from ctxseg.config import apply_overrides, parse_set
+from ctxseg.config import apply_overrides
 from ctxseg.data import SyntheticScenes, train_transform
 from ctxseg.engine.evaluate import build_model
 from ctxseg.methods import METHODS, get_method
+from ctxseg.study import parse_method_spec
 
 
 def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
@@ -39,11 +41,11 @@ def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
 
 def make_fns(spec: str, ds, batch, encoder: str):
     """(train step, inference) closures for one method spec ``name[:key=value,...]``."""
-    name, _, settings = spec.partition(":")
-    cls = get_method(name)
+    parsed = parse_method_spec(spec)
+    cls = get_method(parsed.name)
     torch.manual_seed(0)
-    cfg = cls.config_class(method=name, iters=10_000, encoder=encoder)
-    cfg = apply_overrides(cfg, parse_set(settings.split(",") if settings else []), spec)
+    cfg = cls.config_class(method=parsed.name, iters=10_000, encoder=encoder)
+    cfg = apply_overrides(cfg, parsed.settings, spec)
     method = cls(cfg, ds.info, total_iters=10_000)
     memory = getattr(method, "memory", None)
     if memory is not None:  # time the steady state: every class's queues full

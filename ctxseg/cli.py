@@ -1,4 +1,4 @@
-"""Command line: ``python -m ctxseg train | eval | export | demo | download``.
+"""Command line: ``python -m ctxseg train | eval | export | demo | study | download``.
 
 The flags below are a stable interface: people and outside checks script against them.
 Every field of the method's config dataclass can also be set with ``--set KEY=VALUE``
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ctxseg.config import DATASET_DEFAULTS, apply_overrides, load_yaml, make_config, parse_set, to_plain
 
@@ -29,12 +30,10 @@ _FLAG_FIELDS = {
 }
 
 
-def _add_train(sub) -> None:
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The run settings ``train`` and ``study`` share (``study`` applies them to every run)."""
     from ctxseg.data import DATASETS
-    from ctxseg.methods import METHODS
 
-    p = sub.add_parser("train", help="train a method", description="Train a segmentation method.")
-    p.add_argument("--method", default="ce", choices=sorted(METHODS))
     p.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: synthetic)")
     p.add_argument("--data-root", help="dataset folder (default: data/<name>)")
     p.add_argument("--encoder", help="timm encoder name (default: resnet18)")
@@ -43,11 +42,19 @@ def _add_train(sub) -> None:
     length.add_argument("--iters", type=int)
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, help="global batch size across processes")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run folder (default: runs/<method>-<data>-s<seed>)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
     p.add_argument("--config", help="YAML file of settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+
+
+def _add_train(sub) -> None:
+    from ctxseg.methods import METHODS
+
+    p = sub.add_parser("train", help="train a method", description="Train a segmentation method.")
+    p.add_argument("--method", default="ce", choices=sorted(METHODS))
+    _add_train_flags(p)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run folder (default: runs/<method>-<data>-s<seed>)")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -71,11 +78,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", choices=sorted(DATASETS), help="default: the dataset it was trained on")
     p.add_argument("--data-root", help="default: the root it was trained with")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", help="any split the dataset has (default: val)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--boundary-px", type=int, default=None, help="boundary-IoU tolerance (default: training's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weak-split", default="train", choices=["train", "val", "test"],
+    p.add_argument("--weak-split", default="train",
                    help="weakly supervised models: split for CAM and pseudo-label mIoU (the field's "
                    "protocol: the training images)")
     p.add_argument("--num-workers", type=int, default=2)
@@ -88,21 +95,32 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="output .safetensors path")
 
 
-def resolve_train_config(args: argparse.Namespace):
-    """Defaults < dataset defaults < --config YAML < explicit flags < --set."""
+def resolve_train_config(args: argparse.Namespace, method: str | None = None, extra: dict | None = None,
+                         extra_source: str = ""):
+    """Defaults < dataset defaults < --config YAML < explicit flags < --set < ``extra``.
+
+    ``method`` replaces ``args.method`` and ``extra`` holds settings applied last (``study``'s
+    per-method settings, ``contextrast:bane=false``; ``extra_source`` names them in errors)."""
     from ctxseg.methods import get_method
 
-    cls = get_method(args.method).config_class
+    method = method or args.method
+    cls = get_method(method).config_class
     yaml_cfg = load_yaml(args.config) if args.config else {}
-    flags = {f: getattr(args, a) for a, f in _FLAG_FIELDS.items() if getattr(args, a) is not None}
+    flags = {f: getattr(args, a) for a, f in _FLAG_FIELDS.items() if getattr(args, a, None) is not None}
     sets = parse_set(args.set)
-    data = sets.get("data", flags.get("data", yaml_cfg.get("data", "synthetic")))
-    cfg = make_config(cls, data, method=args.method)
+    extra = extra or {}
+    data = extra.get("data", sets.get("data", flags.get("data", yaml_cfg.get("data", "synthetic"))))
+    cfg = make_config(cls, data, method=method)
     cfg = apply_overrides(cfg, yaml_cfg, args.config or "")
     if "epochs" in flags or "iters" in flags:  # one length flag replaces the other from YAML
         cfg = apply_overrides(cfg, {"epochs": None, "iters": None}, "command line")
     cfg = apply_overrides(cfg, flags, "command-line flags")
     cfg = apply_overrides(cfg, sets, "--set")
+    if extra:
+        try:
+            cfg = apply_overrides(cfg, extra, extra_source)
+        except ValueError as e:  # a wrong type names the setting, not where it came from
+            raise ValueError(str(e) if extra_source in str(e) else f"{extra_source}: {e}") from None
     return cfg
 
 
@@ -124,32 +142,58 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from ctxseg.engine.distributed import resolve_device
-    from ctxseg.engine.evaluate import eval_dataset, evaluate, load_trained
-    from ctxseg.engine.loader import eval_loader
+def split_dataset(cfg, split: str, data: str | None = None, root: str | None = None):
+    """``eval_dataset`` with a one-line error naming the split and the folder when the dataset
+    lacks ``split`` (an unknown split name, or its folder or list file missing)."""
+    from ctxseg.data import DEFAULT_ROOTS
+    from ctxseg.engine.evaluate import eval_dataset
 
-    device = resolve_device(args.device)
-    model, cfg, meta = load_trained(args.checkpoint, device)
-    data = args.data or cfg.data
-    ds = eval_dataset(cfg, args.split, data, args.data_root)
+    data = data or cfg.data
+    try:
+        return eval_dataset(cfg, split, data, root)
+    except ValueError as e:
+        folder = root or (cfg.data_root if data == cfg.data else None) or DEFAULT_ROOTS.get(data)
+        where = f"in {folder}" if folder else "(generated, no folder)"
+        first, *rest = str(e).splitlines()
+        hint = " (expected layouts: data/README.md)" if rest else ""
+        raise type(e)(f"cannot evaluate on split {split!r} of {data} {where}: {first}{hint}") from None
+
+
+def evaluate_trained(checkpoint, split: str = "val", data: str | None = None, data_root: str | None = None,
+                     batch_size: int | None = None, boundary_px: int | None = None, device: str = "auto",
+                     weak_split: str = "train", num_workers: int = 2, progress: bool = False) -> dict:
+    """What ``ctxseg eval`` prints: the metrics of a checkpoint, export or run folder on ``split``
+    (plus the CAM and pseudo-label numbers on ``weak_split`` for weakly supervised models)."""
+    from ctxseg.engine.distributed import resolve_device
+    from ctxseg.engine.evaluate import evaluate, load_trained
+    from ctxseg.engine.loader import eval_loader
+    from ctxseg.methods.wsss import WSSSConfig, evaluate_weak, weak_summary
+
+    device = resolve_device(device)
+    model, cfg, meta = load_trained(checkpoint, device)
+    data = data or cfg.data
+    ds = split_dataset(cfg, split, data, data_root)
     if list(ds.info.class_names) != list(meta["class_names"]):
         raise ValueError(
             f"the model was trained on classes {meta['class_names']} but {data} has {list(ds.info.class_names)}"
         )
-    bs = args.batch_size or DATASET_DEFAULTS.get(data, {}).get("eval_batch_size", cfg.eval_batch_size)
-    loader = eval_loader(ds, bs, args.num_workers)
-    result = evaluate(model, loader, ds.info, device, args.boundary_px or cfg.boundary_px, progress=args.progress)
+    bs = batch_size or DATASET_DEFAULTS.get(data, {}).get("eval_batch_size", cfg.eval_batch_size)
+    loader = eval_loader(ds, bs, num_workers)
+    result = evaluate(model, loader, ds.info, device, boundary_px or cfg.boundary_px, progress=progress)
     result.update(
-        {"data": data, "split": args.split, "checkpoint": meta["path"], "method": cfg.method, "step": meta["step"]}
+        {"data": data, "split": split, "checkpoint": meta["path"], "method": cfg.method, "step": meta["step"]}
     )
-    from ctxseg.methods.wsss import WSSSConfig, evaluate_weak, weak_summary
-
     if isinstance(cfg, WSSSConfig):
-        weak_ds = eval_dataset(cfg, args.weak_split, data, args.data_root)
-        result.update(evaluate_weak(model, eval_loader(weak_ds, bs, args.num_workers), cfg, ds.info, device,
-                                    args.weak_split, progress=args.progress))
+        weak_ds = split_dataset(cfg, weak_split, data, data_root)
+        result.update(evaluate_weak(model, eval_loader(weak_ds, bs, num_workers), cfg, ds.info, device,
+                                    weak_split, progress=progress))
         result["wsss"] = weak_summary(result)
+    return result
+
+
+def cmd_eval(args) -> int:
+    result = evaluate_trained(args.checkpoint, args.split, args.data, args.data_root, args.batch_size,
+                              args.boundary_px, args.device, args.weak_split, args.num_workers, args.progress)
     print(json.dumps(result))
     return 0
 
@@ -274,6 +318,64 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="train methods over several seeds and summarize mean ± std and paired differences",
+        description="Train every (method, seed) into OUT/<method spec>/s<seed> (seed-major; finished runs are "
+        "reused, interrupted ones resumed), then write OUT/summary.md and OUT/summary.json: per method "
+        "mean ± sample std over seeds, and the difference to the first method paired by seed with a 95 % "
+        "paired-t confidence interval. The train flags apply to every run.",
+    )
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD[:KEY=VALUE,...]",
+                   help="methods, each optionally with settings (contextrast:bane=false,bane_ratio=0.3); "
+                   "the first is the baseline of the paired differences")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="default: 0 1 2")
+    p.add_argument("--out", required=True, help="study folder (runs/study-NAME)")
+    _add_train_flags(p)
+    p.add_argument("--eval-split", default=None, metavar="NAME",
+                   help="split the summary reports (default: the config's eval_split, val); finished runs "
+                   "evaluated on another split are evaluated on it (eval-NAME.json), not retrained")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="train nothing: summarize the finished runs and list the missing ones")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_study(args) -> int:
+    from ctxseg import study
+    from ctxseg.engine.trainer import Trainer
+
+    specs = study.parse_method_specs(args.methods)
+    reserved = sorted(set(parse_set(args.set)) & set(study.RESERVED))
+    if reserved:
+        raise ValueError(f"--set {reserved}: the study sets method, seed and out per run (--methods, --seeds, --out)")
+    runs = study.plan_runs(specs, args.seeds, args.out, lambda s: resolve_train_config(
+        args, s.name, s.settings, f"method spec {s.spec!r}"), args.eval_split)
+    split = runs[0].cfg.eval_split
+    checked = set()
+    for run in runs:  # the split exists (one clear line if not), before anything is trained
+        key = (run.cfg.data, run.cfg.data_root, tuple(run.cfg.synthetic_size))
+        if key not in checked:
+            split_dataset(run.cfg, split)
+            checked.add(key)
+
+    def train(cfg):
+        Trainer(cfg, resume="auto", progress=not args.no_progress).fit()
+
+    def evaluator(path, split):
+        return evaluate_trained(path, split, progress=not args.no_progress)
+
+    summary = study.run_study(runs, specs, args.seeds, args.out, split, train=train, evaluator=evaluator,
+                              summarize_only=args.summarize_only, argv=getattr(args, "argv", None))
+    for spec, e in summary["methods"].items():
+        miou = study.fmt_mean_std(e["mean"]["miou"], e["std"]["miou"])
+        print(f"{spec:24s} {len(e['seeds'])} seeds, {split}: mIoU {miou}")
+    if summary["missing"]:
+        print(f"missing: {len(summary['missing'])} run(s), listed in the summary")
+    print(f"summary: {(Path(args.out) / 'summary.md').resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ctxseg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,13 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_demo(sub)
+    _add_study(sub)
     _add_download(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo, "download": cmd_download}
+    args.argv = argv  # the study writes its exact command line into its summary
+    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo, "study": cmd_study,
+                "download": cmd_download}
     from ctxseg.data.download import DownloadError
     from ctxseg.engine.checkpoint import CheckpointError
 

@@ -1,0 +1,525 @@
+"""Multi-seed studies: ``python -m ctxseg study --methods ce contextrast:bane=false --seeds 0 1 2``.
+
+Every (method spec, seed) is trained into ``OUT/<spec folder>/s<seed>`` (seed-major, so a study
+stopped half-way already has paired results), finished runs are reused and interrupted ones
+resumed; then ``OUT/summary.md`` and ``OUT/summary.json`` report, per method, the mean ± sample
+std over seeds and, paired by seed against the first method, the mean difference with a 95 %
+paired-t confidence interval.
+
+The parsing, collecting and statistics below are pure functions (no training), so they can be
+tested on fabricated ``eval.json`` files; ``run_study`` is the part that trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The metrics of the tables (fractions in [0, 1]); the weakly supervised ones when eval.json has them.
+METRICS = ("miou", "boundary_iou", "pixel_acc")
+WSSS_METRICS = ("cam_miou", "pseudo_miou")
+LABELS = {"miou": "mIoU", "boundary_iou": "boundary IoU", "pixel_acc": "pixel acc",
+          "cam_miou": "CAM mIoU", "pseudo_miou": "pseudo mIoU"}
+# Settings the study sets per run: a method spec or --set may not carry them.
+RESERVED = ("method", "seed", "out")
+# Config keys that may differ between a run folder and the study asking for it: where it lives,
+# and the split it is evaluated on (a finished run is evaluated on another split, not retrained).
+IGNORED_KEYS = ("out", "eval_split")
+LEVEL = 0.95
+CI_METHOD = (
+    "paired t over seeds: for each seed both runs finished, d = metric(method) - metric(baseline); "
+    "95 % CI = mean(d) ± t(0.975, n-1) · sd(d) / √n (Student t quantile from scipy.stats.t, "
+    "sd with ddof = 1)"
+)
+NOISE = "interval includes 0: not distinguishable from seed noise"
+NO_INTERVAL = "fewer than 2 paired seeds: no interval can be computed"
+
+
+# ------------------------------------------------------------------------------------------------
+# Method specs: ``name`` or ``name:key=value,key=value`` (values read as YAML, as --set reads them).
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of ``--methods``: ``spec`` as written (its label in the tables), the method
+    ``name``, its ``settings`` and the filesystem-safe ``folder`` its runs go in."""
+
+    spec: str
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""
+
+
+# A comma starts a new setting only when "key=" follows, so list values (crop=[64,64]) stay whole.
+_NEXT_SETTING = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
+
+
+def parse_method_spec(spec: str) -> MethodSpec:
+    """Parse ``name[:key=value,...]``; an unknown method or a malformed setting is a ValueError.
+
+    The settings are not checked against the method's config here (``apply_overrides`` does
+    that, naming the valid keys)."""
+    from ctxseg.methods import METHODS
+
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in method spec {spec!r}; choose one of {sorted(METHODS)}")
+    items = [item.strip() for item in _NEXT_SETTING.split(rest)] if rest.strip() else []
+    if sep and not items:
+        raise ValueError(f"method spec {spec!r} has nothing after ':'; write METHOD:KEY=VALUE[,KEY=VALUE...]")
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"method spec {spec!r}: expected KEY=VALUE, got {item!r}")
+        if key in settings:
+            raise ValueError(f"method spec {spec!r} sets {key!r} twice")
+        try:
+            settings[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ValueError(f"method spec {spec!r}: the value of {key!r} is not valid YAML: {raw!r}") from None
+    folder = "-".join([name, *(_UNSAFE.sub("_", re.sub(r"[\s\[\](){}'\"]", "", item).replace(",", "_"))
+                               for item in items)])
+    return MethodSpec(spec, name, settings, folder)
+
+
+def parse_method_specs(specs: Sequence[str]) -> list[MethodSpec]:
+    """Parse every spec; the same spec twice, or two specs with one folder, is an error."""
+    parsed = [parse_method_spec(s) for s in specs]
+    seen: dict[str, str] = {}
+    for p in parsed:
+        if p.folder in seen:
+            other = seen[p.folder]
+            what = "is given twice" if other == p.spec else f"and {other!r} share the folder {p.folder!r}"
+            raise ValueError(f"method spec {p.spec!r} {what}")
+        seen[p.folder] = p.spec
+    return parsed
+
+
+def run_dir(out: str | Path, spec: MethodSpec, seed: int) -> Path:
+    return Path(out) / spec.folder / f"s{seed}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan: one resolved config per (seed, spec), seed-major; every folder checked before training.
+@dataclass(frozen=True)
+class Run:
+    spec: MethodSpec
+    seed: int
+    cfg: Any  # TrainConfig
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def plan_runs(specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path,
+              resolve: Callable[[MethodSpec], Any], eval_split: str | None = None) -> list[Run]:
+    """Resolve and validate every run's config (``resolve(spec)`` gives the spec's config from
+    the train flags, --set and the spec's settings), seed-major. Raises before anything runs."""
+    from ctxseg.config import apply_overrides
+
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds lists a seed twice: {list(seeds)}")
+    if not seeds or not specs:
+        raise ValueError("a study needs at least one method and one seed")
+    base = {}
+    for spec in specs:
+        reserved = sorted(set(spec.settings) & set(RESERVED))
+        if reserved:
+            raise ValueError(f"method spec {spec.spec!r} sets {reserved}; the study sets method, seed and out per run")
+        base[spec.spec] = resolve(spec)
+    runs = []
+    for seed in seeds:
+        for spec in specs:
+            over = {"seed": seed, "out": str(run_dir(out, spec, seed))}
+            if eval_split:
+                over["eval_split"] = eval_split
+            runs.append(Run(spec, seed, apply_overrides(base[spec.spec], over, "study").validate()))
+    splits = sorted({r.cfg.eval_split for r in runs})
+    if len(splits) > 1:
+        raise ValueError(f"the runs would be evaluated on different splits {splits}; choose one with --eval-split")
+    return runs
+
+
+def as_trained(cfg):
+    """``cfg`` as training stores it in config.yaml (the input normalisation, left None to mean
+    "the encoder's", resolved as the Trainer resolves it)."""
+    return cfg.with_normalization()
+
+
+def config_diff(saved: dict[str, Any], cfg) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, asked value) for every setting where a run folder's config.yaml differs
+    from ``cfg``, ignoring ``IGNORED_KEYS``. Both sides are read as training stores them; a key the
+    saved file lacks (a run from an older version) counts as its default."""
+    from ctxseg.config import from_plain, to_plain
+
+    saved_plain = to_plain(as_trained(from_plain(type(cfg), saved)))
+    diffs = []
+    for key, value in to_plain(as_trained(cfg)).items():
+        if key not in IGNORED_KEYS and saved_plain.get(key) != value:
+            diffs.append((key, saved_plain.get(key), value))
+    return diffs
+
+
+def run_state(path: str | Path) -> str:
+    """``finished`` (eval.json), ``started`` (a checkpoint to resume from) or ``new``."""
+    from ctxseg.engine.checkpoint import list_checkpoints
+
+    path = Path(path)
+    if (path / "eval.json").is_file():
+        return "finished"
+    return "started" if list_checkpoints(path / "ckpt") else "new"
+
+
+def check_run_folders(runs: Sequence[Run]) -> None:
+    """Refuse to reuse or resume a run folder made with other settings (a ValueError naming the
+    folder and the differing keys)."""
+    for run in runs:
+        saved_path = run.dir / "config.yaml"
+        if not saved_path.is_file():
+            if run_state(run.dir) != "new":
+                raise ValueError(f"run folder {run.dir} has results but no config.yaml, so its settings cannot "
+                                 "be checked; delete it or choose another --out")
+            continue
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except yaml.YAMLError:
+            raise ValueError(f"{saved_path} is not valid YAML; delete the run folder or choose another --out") from None
+        try:
+            diffs = config_diff(saved, run.cfg)
+        except ValueError as e:
+            raise ValueError(f"{saved_path} cannot be read as a {type(run.cfg).__name__} ({e}); delete the run "
+                             "folder or choose another --out") from None
+        if diffs:
+            shown = ", ".join(f"{k} (folder: {json.dumps(a)}, asked: {json.dumps(b)})" for k, a, b in diffs)
+            raise ValueError(f"run folder {run.dir} was made with other settings: {shown}; delete it, choose "
+                             f"another --out, or ask for the same settings")
+
+
+# ------------------------------------------------------------------------------------------------
+# Collecting finished runs.
+def eval_file(path: str | Path, split: str) -> Path | None:
+    """The evaluation of run folder ``path`` on ``split``: its eval.json when the run was
+    evaluated on ``split``, else ``eval-<split>.json`` if written, else None."""
+    path = Path(path)
+    main = path / "eval.json"
+    if not main.is_file():
+        return None
+    result = json.loads(main.read_text())
+    if result.get("split", _saved_split(path)) == split:
+        return main
+    other = path / f"eval-{split}.json"
+    return other if other.is_file() else None
+
+
+def _saved_split(path: Path) -> str | None:
+    try:
+        return (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("eval_split")
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _finite(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def metrics_row(result: dict) -> dict[str, Any]:
+    """The numbers a study reports from one evaluation (eval.json or ``ctxseg eval``'s output)."""
+    row = {m: _finite(result.get(m)) for m in METRICS}
+    row["per_class_iou"] = {k: _finite(v) for k, v in (result.get("per_class_iou") or {}).items()}
+    if isinstance(result.get("wsss"), dict):
+        row.update({m: _finite(result["wsss"].get(m)) for m in WSSS_METRICS})
+    return row
+
+
+def run_time(path: str | Path) -> dict[str, Any]:
+    """Training time of a run: ``steps`` and median ``sec_per_iter`` of its metrics.jsonl rows, and
+    ``wall_s``, the wall time the study measured (study_time.json), where available."""
+    path = Path(path)
+    rates, steps = [], None
+    log = path / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "sec_per_iter" in row:
+                rates.append(row["sec_per_iter"])
+                steps = row.get("step", steps)
+    wall = None
+    if (path / "study_time.json").is_file():
+        wall = json.loads((path / "study_time.json").read_text()).get("seconds")
+    return {"steps": steps, "sec_per_iter": statistics.median(rates) if rates else None, "wall_s": wall}
+
+
+def collect_results(out: str | Path, specs: Sequence[MethodSpec], seeds: Sequence[int], split: str):
+    """({spec: {seed: metrics row + "time"}} of the runs evaluated on ``split``, [missing runs])."""
+    rows: dict[str, dict[int, dict]] = {s.spec: {} for s in specs}
+    missing = []
+    for seed in seeds:
+        for spec in specs:
+            path = run_dir(out, spec, seed)
+            found = eval_file(path, split)
+            if found is None:
+                state = run_state(path)
+                why = {"new": "not started", "started": "not finished",
+                       "finished": f"not evaluated on {split!r}"}[state]
+                missing.append({"method": spec.spec, "seed": seed, "folder": str(path), "state": why})
+                continue
+            row = metrics_row(json.loads(found.read_text()))
+            row["time"] = run_time(path)
+            rows[spec.spec][seed] = row
+    return rows, missing
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics.
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof = 1; None for fewer than 2 values)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def paired_interval(diffs: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """Mean of paired differences with a ``level`` paired-t interval over them.
+
+    ``ci_low``/``ci_high``/``includes_zero`` are None for fewer than 2 differences."""
+    from scipy.stats import t
+
+    n = len(diffs)
+    out = {"n": n, "mean": statistics.fmean(diffs) if n else None, "sd": None, "t": None,
+           "ci_low": None, "ci_high": None, "includes_zero": None, "n_improved": sum(d > 0 for d in diffs)}
+    if n >= 2:
+        sd = statistics.stdev(diffs)
+        q = float(t.ppf(0.5 + level / 2, n - 1))
+        half = q * sd / math.sqrt(n)
+        out.update(sd=sd, t=q, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+        out["includes_zero"] = out["ci_low"] <= 0 <= out["ci_high"]
+    return out
+
+
+def summarize(rows: dict[str, dict[int, dict]], specs: Sequence[MethodSpec], seeds: Sequence[int], split: str,
+              missing: Sequence[dict] = (), argv: Sequence[str] | None = None, out: str | Path | None = None) -> dict:
+    """The study's summary (what summary.json holds) from ``collect_results``' rows."""
+    metrics = list(METRICS)
+    if any(m in row and row[m] is not None for r in rows.values() for row in r.values() for m in WSSS_METRICS):
+        metrics += WSSS_METRICS
+    methods = {}
+    for spec in specs:
+        runs = rows.get(spec.spec, {})
+        done = [s for s in seeds if s in runs]
+        classes: list[str] = []
+        for s in done:
+            classes += [c for c in runs[s]["per_class_iou"] if c not in classes]
+        entry = {"method": spec.name, "settings": spec.settings, "folder": spec.folder, "seeds": done,
+                 "per_seed": {str(s): runs[s] for s in done}, "mean": {}, "std": {}, "per_class": {}}
+        for m in metrics:
+            entry["mean"][m], entry["std"][m] = mean_std([runs[s].get(m) for s in done])
+        for c in classes:
+            vals = [runs[s]["per_class_iou"].get(c) for s in done]
+            mean, std = mean_std(vals)
+            entry["per_class"][c] = {"mean": mean, "std": std, "n": sum(v is not None for v in vals)}
+        methods[spec.spec] = entry
+    baseline = specs[0].spec if specs else None
+    paired = {}
+    for spec in specs[1:]:
+        a, b = rows.get(spec.spec, {}), rows.get(baseline, {})
+        paired[spec.spec] = {"vs": baseline}
+        for m in metrics:
+            both = [s for s in seeds if s in a and s in b and a[s].get(m) is not None and b[s].get(m) is not None]
+            diffs = [a[s][m] - b[s][m] for s in both]
+            paired[spec.spec][m] = {"seeds": both, "diffs": diffs, **paired_interval(diffs)}
+    return {
+        "command": "python -m ctxseg " + shlex.join(argv) if argv is not None else None,
+        "argv": list(argv) if argv is not None else None,
+        "out": str(out) if out is not None else None,
+        "eval_split": split,
+        "seeds": list(seeds),
+        "metrics": metrics,
+        "std": "sample standard deviation over seeds (ddof = 1)",
+        "ci_method": CI_METHOD,
+        "ci_level": LEVEL,
+        "baseline": baseline,
+        "methods": methods,
+        "paired": paired,
+        "missing": list(missing),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering.
+def fmt_mean_std(mean, std) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} ± n/a"
+
+
+def _delta(p: dict) -> str:
+    if p["n"] == 0:
+        return "n/a (no paired seeds)"
+    if p["ci_low"] is None:
+        return f"{p['mean']:+.4f} [no interval, n = {p['n']}]"
+    return f"{p['mean']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+
+
+def reading(p: dict, baseline: str) -> str:
+    """Plain words for one paired interval."""
+    if p["n"] < 2:
+        return NO_INTERVAL
+    if p["includes_zero"]:
+        return NOISE
+    return f"{'higher' if p['ci_low'] > 0 else 'lower'} than {baseline} (interval excludes 0)"
+
+
+def _cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def render_markdown(summary: dict) -> str:
+    """summary.md: the command, the results table, per-class IoU, the paired differences against
+    the first method (with the method of the interval stated) and training times."""
+    metrics, methods, base = summary["metrics"], summary["methods"], summary["baseline"]
+    lines = [f"# Study: {summary['out'] or ''}".rstrip(), ""]
+    if summary.get("command"):
+        lines += ["Command:", "", f"    {summary['command']}", ""]
+    seeds = " ".join(map(str, summary["seeds"]))
+    lines += [f"Evaluated on split `{summary['eval_split']}`; seeds asked: {seeds}. Values are fractions "
+              "(1 = perfect); `mean ± std` is the mean over seeds ± the sample standard deviation "
+              "(ddof = 1; n/a with one seed).", ""]
+
+    lines += ["## Results", ""]
+    head = ["method", "seeds"] + [LABELS[m] for m in metrics]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec, e in methods.items():
+        cells = [f"`{_cell(spec)}`", str(len(e["seeds"]))] + [fmt_mean_std(e["mean"][m], e["std"][m]) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
+    classes: list[str] = []
+    for e in methods.values():
+        classes += [c for c in e["per_class"] if c not in classes]
+    if classes:
+        lines += ["## Per-class IoU (mean ± std over seeds)", ""]
+        head = ["class"] + [f"`{_cell(s)}`" for s in methods]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in classes:
+            cells = [_cell(c)]
+            for e in methods.values():
+                pc = e["per_class"].get(c)
+                cells.append(fmt_mean_std(pc["mean"], pc["std"]) if pc else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    lines += [f"## Paired differences against `{_cell(base or '')}`", ""]
+    if not summary["paired"]:
+        lines += ["Only one method: nothing to compare.", ""]
+    else:
+        lines += [f"Method: {CI_METHOD}. An interval that includes 0 means the difference is not "
+                  "distinguishable from seed-to-seed noise; with fewer than 2 paired seeds no interval can "
+                  "be computed. \"seeds improved\": seeds where the method's mIoU is higher than the baseline's.",
+                  ""]
+        head = ["method", "Δ mIoU [95 % CI]", "Δ boundary IoU [95 % CI]", "seeds improved (mIoU)", "reading"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for spec, p in summary["paired"].items():
+            mi, bi = p["miou"], p["boundary_iou"]
+            words = f"mIoU: {reading(mi, base)}"
+            if bi["n"] >= 2 or mi["n"] >= 2:
+                words += f"; boundary IoU: {reading(bi, base)}"
+            cells = [f"`{_cell(spec)}`", _delta(mi), _delta(bi), f"{mi['n_improved']}/{mi['n']}", _cell(words)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    lines += ["## Training time", "", "s/iter: median of the run's metrics.jsonl rows; wall time: measured by "
+              "the study (all sessions of a resumed run; n/a for runs it did not train).", ""]
+    head = ["method", "seed", "steps", "s/iter", "wall time (s)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec, e in methods.items():
+        for s in e["seeds"]:
+            t = e["per_seed"][str(s)].get("time") or {}
+            cells = [f"`{_cell(spec)}`", str(s), str(t.get("steps") if t.get("steps") is not None else "n/a"),
+                     f"{t['sec_per_iter']:.3f}" if t.get("sec_per_iter") is not None else "n/a",
+                     f"{t['wall_s']:.0f}" if t.get("wall_s") is not None else "n/a"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
+    if summary["missing"]:
+        lines += ["## Missing runs", "", "Not in the tables above:", ""]
+        lines += [f"- `{m['method']}` seed {m['seed']}: {m['folder']} ({m['state']})" for m in summary["missing"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary(out: str | Path, summary: dict) -> tuple[Path, Path]:
+    """Write OUT/summary.json and OUT/summary.md (each replaced atomically)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "summary.json", out / "summary.md"
+    for path, text in zip(paths, (json.dumps(summary, indent=2, allow_nan=False) + "\n", render_markdown(summary))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a study.
+def record_time(path: str | Path, action: str, seconds: float) -> None:
+    """Add one training session's wall time to the run folder's study_time.json."""
+    file = Path(path) / "study_time.json"
+    data = json.loads(file.read_text()) if file.is_file() else {"sessions": []}
+    data["sessions"].append({"action": action, "seconds": seconds})
+    data["seconds"] = sum(s["seconds"] for s in data["sessions"])
+    file.write_text(json.dumps(data, indent=2))
+
+
+def evaluate_on_split(path: str | Path, split: str, evaluator: Callable[[Path, str], dict]) -> Path:
+    """Evaluate a finished run on ``split`` with ``evaluator`` and store it as eval-<split>.json."""
+    path = Path(path)
+    result = evaluator(path, split)
+    file = path / f"eval-{split}.json"
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(file)
+    return file
+
+
+def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path,
+              split: str, *, train: Callable[[Any], None], evaluator: Callable[[Path, str], dict],
+              summarize_only: bool = False, argv: Sequence[str] | None = None, log=print) -> dict:
+    """Train (or reuse, or resume) every run in order, evaluate finished runs on ``split`` where
+    they were evaluated on another, then write the summary. ``train(cfg)`` trains one run,
+    resuming from its newest checkpoint; ``evaluator(run folder, split)`` returns the metrics."""
+    check_run_folders(runs)
+    if not summarize_only:
+        for k, run in enumerate(runs, 1):
+            state = run_state(run.dir)
+            verb = {"finished": "reusing", "started": "resuming", "new": "training"}[state]
+            log(f"[{k}/{len(runs)}] {run.spec.spec} seed {run.seed}: {verb} -> {run.dir}", flush=True)
+            if state != "finished":
+                start = time.perf_counter()
+                train(run.cfg)
+                record_time(run.dir, verb, time.perf_counter() - start)
+    for run in runs:
+        if run_state(run.dir) == "finished" and eval_file(run.dir, split) is None:
+            log(f"{run.spec.spec} seed {run.seed}: evaluating on split {split!r} -> {run.dir / f'eval-{split}.json'}",
+                flush=True)
+            evaluate_on_split(run.dir, split, evaluator)
+    rows, missing = collect_results(out, specs, seeds, split)
+    summary = summarize(rows, specs, seeds, split, missing, argv, out)
+    write_summary(out, summary)
+    return summary
