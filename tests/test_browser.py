@@ -662,3 +662,40 @@ def test_a_slider_redrew_a_figure():
     if not NOTEBOOKS_PASSED:
         pytest.skip("no browser notebook test passed in this session")
     assert SLIDERS_SEEN, f"none of {NOTEBOOKS_PASSED} has an interact whose integer slider redraws a figure"
+
+
+def test_report_results_table_fits_at_1400px(browser, tmp_path):
+    """The demo report's results table (five methods, a column per class, the WSSS columns at the
+    right) and its caption fit a 1400 px window: no page overflow, the table's right edge and
+    the caption within the page (settings shared by all runs are stated once above the table)."""
+    from ctxseg.viz.compare import RunTable
+    from ctxseg.viz.report import html_page, table_html
+
+    classes = ("sky", "water", "ground", "tree", "car", "boat", "bird", "person")
+    columns = ["run", "method", "variant", "data", "encoder", "weights", "length", "seed", "split", "mIoU",
+               "boundary IoU", "boundary px", "pixel acc", "CAM mIoU", "pseudo mIoU"] + [f"IoU {c}" for c in classes]
+    shared = {"data": "synthetic", "encoder": "tf_efficientnet_lite0", "weights": "ImageNet", "length": "300 it",
+              "seed": 0, "split": "val", "boundary px": 3}
+    rows = [{"run": f"demo/{m}", "method": m, "variant": "dual_stream=A" if m == "dscnet" else "", **shared,
+             **{c: 0.123456 for c in columns if c.startswith("IoU") or c in ("mIoU", "boundary IoU", "pixel acc")},
+             "CAM mIoU": 0.5 if m in ("wsss_cam", "dscnet") else None,
+             "pseudo mIoU": 0.5 if m in ("wsss_cam", "dscnet") else None}
+            for m in ("ce", "pixel_contrast", "contextrast", "wsss_cam", "dscnet")]
+    caption = "CAM and pseudo-label mIoU are measured on the train split (the WSSS protocol); " * 3
+    (tmp_path / "report.html").write_text(html_page("report", table_html(RunTable(columns, rows, caption))))
+    page = browser.new_page(viewport=VIEWPORT)
+    try:
+        page.goto((tmp_path / "report.html").as_uri())
+        geo = page.evaluate("""() => {
+            const right = (q) => Math.max(...[...document.querySelectorAll(q)].map(e => e.getBoundingClientRect().right));
+            return {page: document.documentElement.scrollWidth, view: window.innerWidth,
+                    table: right('table'), cells: right('th'), caption: right('.caption'),
+                    headers: [...document.querySelectorAll('th')].map(e => e.textContent)};
+        }""")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        print(tmp_path / "report.png")
+    finally:
+        page.close()
+    assert geo["page"] <= geo["view"], geo  # no horizontal page overflow
+    assert max(geo["table"], geo["cells"], geo["caption"]) <= geo["view"], geo
+    assert "pseudo mIoU" in geo["headers"] and "IoU person" in geo["headers"]

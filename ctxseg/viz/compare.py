@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctxseg.models.pretrained import describe as describe_weights
 from ctxseg.viz.runs import load_run
 
 # The settings that tell a method's variants apart, shown in the table's "variant" column.
@@ -22,7 +23,8 @@ KEY_SETTINGS = {
     "dscnet": ("dual_stream",),
 }
 
-_COLUMNS = ["run", "method", "variant", "data", "encoder", "length", "seed", "split", "mIoU", "boundary IoU",
+_METRICS = {"mIoU", "boundary IoU", "pixel acc", "CAM mIoU", "pseudo mIoU"}
+_COLUMNS = ["run", "method", "variant", "data", "encoder", "weights", "length", "seed", "split", "mIoU", "boundary IoU",
             "boundary px", "pixel acc", "CAM mIoU", "pseudo mIoU"]
 
 
@@ -83,7 +85,20 @@ class RunTable:
     def _cells(self, row: dict) -> list[str]:
         return [_format(row.get(c), self.digits) for c in self.columns]
 
-    def to_html(self) -> str:
+    def split_constant(self, keep: Sequence[str] = ("run", "method")) -> tuple[dict[str, str], RunTable]:
+        """(the settings columns whose value is the same in every row, as {column: shown value}; this
+        table without them), so a report states them once and the table fits the page. Metric
+        columns and ``keep`` always stay; a one-row table is returned as it is."""
+        if len(self.rows) < 2:
+            return {}, self
+        cells = [self._cells(r) for r in self.rows]
+        metric = {c for c in self.columns if c.startswith("IoU ") or c in _METRICS}
+        same = {c: cells[0][i] for i, c in enumerate(self.columns)
+                if c not in metric and c not in keep and all(row[i] == cells[0][i] for row in cells)}
+        rest = [c for c in self.columns if c not in same]
+        return same, RunTable(rest, self.rows, self.caption, self.digits)
+
+    def to_html(self, caption: bool = True) -> str:
         numeric = {c for c in self.columns if any(isinstance(r.get(c), (int, float)) for r in self.rows)}
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join(
@@ -93,7 +108,7 @@ class RunTable:
             ) + "</tr>"
             for r in self.rows
         )
-        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption and caption else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def _repr_html_(self) -> str:
@@ -127,7 +142,8 @@ def results_table(runs: Sequence[dict], per_class: bool = True, digits: int = 3)
         weak = "cam" in final and "pseudo" in final
         row = {
             "run": run["name"], "method": cfg.get("method"), "variant": variant(cfg), "data": cfg.get("data"),
-            "encoder": cfg.get("encoder"), "length": _length(cfg), "seed": cfg.get("seed"),
+            "encoder": cfg.get("encoder"), "weights": describe_weights(cfg.get("pretrained", False)),
+            "length": _length(cfg), "seed": cfg.get("seed"),
             "split": final.get("split", cfg.get("eval_split")),
             "mIoU": final["miou"], "boundary IoU": final["boundary_iou"], "boundary px": final.get("boundary_px"),
             "pixel acc": final["pixel_acc"],

@@ -89,7 +89,7 @@ def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctx
         f"<h1>{html.escape(title)}</h1>",
         "<p>Evaluated on each config's <code>eval_split</code> at full label resolution; boundary IoU "
         f"at {runs[0]['final']['boundary_px']} px (Cheng et al., CVPR 2021).</p>",
-        f'<div class="wide">{table.to_html()}</div>',
+        *table_html(table),
         "<h2>Learning curves</h2>",
         _png(plot_learning_curves(runs)),
         "<h2>Per-class IoU</h2>",
@@ -103,12 +103,34 @@ def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctx
         parts += _umap_section(same, ds, per_class, progress)
     parts += [f"<h2>Example predictions ({cfg.eval_split})</h2>",
               _png(show_prediction_grid({n: m[0] for n, m in models.items()}, ds, list(range(min(examples, len(ds))))))]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}.wide{overflow-x:auto}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    tmp.write_text(html_page(title, parts))
     tmp.replace(out)
     return out
+
+
+# Wide tables scroll inside their box; captions are paragraphs of the page's width.
+STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse;margin:1em 0}.wide{overflow-x:auto;max-width:100%}"
+         ".wide table{font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+         "th{white-space:normal;vertical-align:bottom}.caption{font-size:13px;color:#444}img{max-width:100%}")
+
+
+def table_html(table) -> list[str]:
+    """A results table that fits the page: settings shared by every row are stated once above it,
+    the rest scrolls inside its own box if it is still too wide, and the caption is a paragraph of
+    the page's width, so no column and no caption is ever cut off."""
+    same, table = table.split_constant()
+    common = " · ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in same.items() if v)
+    return ([f'<p class="caption">All runs: {common}</p>'] if common else []) + [
+        f'<div class="wide">{table.to_html(caption=False)}</div>',
+        f'<p class="caption">{html.escape(table.caption)}</p>' if table.caption else "",
+    ]
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """One self-contained HTML page of ``parts`` (HTML fragments) under ``title``."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
