@@ -123,3 +123,23 @@ def pseudo_labels(masks, min_conf, ambiguity):
                     out[i, r, s] = k
     return out
 
+
+
+def pgcl_counts(reliable, hard, n, hard_fraction, per_image=True):
+    """PGCL anchors to draw as {image: (hard, easy)}: from each image's reliable pixels
+    (``per_image``), or from the whole batch's (image -1), ``round(n * hard_fraction)`` hard
+    ones when there are enough, easy ones filling in, and the other way round."""
+    groups = range(reliable.shape[0]) if per_image else [-1]
+    out = {}
+    for b in groups:
+        rel = reliable[b] if b >= 0 else reliable.reshape(-1)
+        hrd = hard[b] if b >= 0 else hard.reshape(-1)
+        n_hard = sum(1 for r, h in zip(rel.tolist(), hrd.tolist()) if r and h)
+        n_easy = sum(1 for r, h in zip(rel.tolist(), hrd.tolist()) if r and not h)
+        want_hard = round(n * hard_fraction)
+        if n_easy < n - want_hard:  # too few easy pixels: hard ones fill in
+            want_hard = n - n_easy
+        keep_hard = min(n_hard, want_hard)
+        keep_easy = min(n_easy, n - keep_hard)
+        out[b] = (keep_hard, keep_easy)
+    return out

@@ -10,20 +10,36 @@ import torch
 IGNORE = 255
 
 
-def sample_counts(labels, preds, num_classes, max_samples, max_views):
-    """Per (image, class): (hard kept, easy kept), by the paper's branches. Also returns n_view."""
-    B = labels.shape[0]
+def sample_counts(labels, preds, num_classes, max_samples, max_views, per_image=None, min_share=None):
+    """Per (image, class): (hard kept, easy kept), by the paper's branches. Also returns n_view.
+
+    The reference: a class qualifies in an image with more than ``max_views`` pixels, and
+    ``n_view = min(max_samples // qualifying pairs of the batch, max_views)``. With ``min_share``
+    it needs more than ``min_share * pixels of the image``; with ``per_image`` image b's n_view is
+    ``min(per_image // its own qualifying classes, max_views)``, and a class gives at most its
+    pixels. Returns n_view as a list, one per image (0 without a qualifying class)."""
+    B, P = labels.shape
+    threshold = max_views if min_share is None else min_share * P
     qualifying = []
     for b in range(B):
         for c in range(num_classes):
-            if int((labels[b] == c).sum()) > max_views:
+            if int((labels[b] == c).sum()) > threshold:
                 qualifying.append((b, c))
     if not qualifying:
-        return {}, 0
-    n_view = max(1, min(max_samples // len(qualifying), max_views))
+        return {}, [0] * B
+    n_views = []
+    for b in range(B):
+        mine = [q for q in qualifying if q[0] == b]
+        if not mine:
+            n_views.append(0)
+        elif per_image is None:
+            n_views.append(max(1, min(max_samples // len(qualifying), max_views)))
+        else:
+            n_views.append(max(1, min(per_image // len(mine), max_views)))
     counts = {}
     for b, c in qualifying:
         is_c = labels[b] == c
+        n_view = min(n_views[b], int(is_c.sum()))
         num_hard = int((is_c & (preds[b] != c)).sum())
         num_easy = int((is_c & (preds[b] == c)).sum())
         if num_hard >= n_view / 2 and num_easy >= n_view / 2:
@@ -36,15 +52,15 @@ def sample_counts(labels, preds, num_classes, max_samples, max_views):
             keep_hard = num_hard
             keep_easy = n_view - keep_hard
         counts[(b, c)] = (keep_hard, keep_easy)
-    return counts, n_view
+    return counts, n_views
 
 
-def sample_anchors(emb, labels, preds, num_classes, max_samples, max_views):
+def sample_anchors(emb, labels, preds, num_classes, max_samples, max_views, per_image=None, min_share=None):
     """Loop sampler over (B, D, P) embeddings: returns (anchor features (M, D), labels (M,)).
 
     Each (image, class) gathers its own anchors from the full embedding map, as the public
     reference does."""
-    counts, _ = sample_counts(labels, preds, num_classes, max_samples, max_views)
+    counts, _ = sample_counts(labels, preds, num_classes, max_samples, max_views, per_image, min_share)
     feats, ys = [], []
     for (b, c), (keep_hard, keep_easy) in counts.items():
         hard = ((labels[b] == c) & (preds[b] != c)).nonzero().squeeze(1)

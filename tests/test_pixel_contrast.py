@@ -17,12 +17,15 @@ from ctxseg.methods.pixel_contrast import (
     MemoryBank,
     PixelContrast,
     PixelContrastConfig,
+    anchor_counts,
     contrast_loss,
     downsample_labels,
     memory_keys,
     sample_anchors,
 )
 from ctxseg.models import Segmenter
+from ctxseg.models.segmenter import upsample_to
+from ctxseg.viz.runs import load_run
 
 
 def blob_labels(B, h, w, C, seed, ignore_frac=0.05):
@@ -44,17 +47,22 @@ def noisy_preds(labels, C, wrong_frac, seed):
 
 # ------------------------------------------------------------------------------------------------
 # Sampler
+BUDGET_CASES = [(5, 1024, 100, 0.3), (19, 1024, 100, 0.5), (7, 300, 20, 0.05), (7, 300, 20, 0.95), (3, 50, 40, 0.5)]
+
+
 @pytest.mark.parametrize(
-    "C,max_samples,max_views,wrong_frac",
-    [(5, 1024, 100, 0.3), (19, 1024, 100, 0.5), (7, 300, 20, 0.05), (7, 300, 20, 0.95), (3, 50, 40, 0.5)],
+    "C,max_samples,max_views,wrong_frac,per_image,min_share",
+    [case + (None, None) for case in BUDGET_CASES]  # per batch, the reference's rule as written
+    + [(5, 0, 100, 0.3, 512, 100 / 32768), (19, 0, 100, 0.5, 512, 100 / 32768), (7, 0, 20, 0.05, 150, 0.01),
+       (7, 0, 20, 0.95, 150, 0.0), (3, 0, 300, 0.5, 700, 0.05), (12, 0, 40, 0.5, 90, 0.002)],
 )
-def test_sampler_counts_match_the_loop_oracle(C, max_samples, max_views, wrong_frac):
+def test_sampler_counts_match_the_loop_oracle(C, max_samples, max_views, wrong_frac, per_image, min_share):
     labels = blob_labels(4, 48, 64, C, seed=C)
     preds = noisy_preds(labels, C, wrong_frac, seed=1)
-    want, n_view = oracle.sample_counts(labels, preds, C, max_samples, max_views)
+    want, n_view = oracle.sample_counts(labels, preds, C, max_samples, max_views, per_image, min_share)
     torch.manual_seed(0)
-    a = sample_anchors(labels, preds, C, max_samples, max_views)
-    assert a.n_view == n_view
+    a = sample_anchors(labels, preds, C, max_samples, max_views, per_image=per_image, min_share=min_share)
+    assert a.n_view.tolist() == n_view
     image = a.index // labels.shape[1]
     got = Counter(zip(image.tolist(), a.label.tolist(), a.hard.tolist()))
     for (b, c), (keep_hard, keep_easy) in want.items():
@@ -77,6 +85,87 @@ def test_sampler_draws_uniformly_within_a_group():
     assert hits.sum() == 400 * 50
     expected = 400 * 50 / 200  # 100 per pixel; binomial sd ~ 8.7
     assert hits.min() > expected - 45 and hits.max() < expected + 45
+
+
+def _by_pair(a, P):
+    """{(image, class): (hard, easy)} of a sample on images of P cells."""
+    got = Counter(zip((a.index // P).tolist(), a.label.tolist(), a.hard.tolist()))
+    pairs = {(b, c) for b, c, _ in got}
+    return {(b, c): (got[(b, c, True)], got[(b, c, False)]) for b, c in sorted(pairs)}
+
+
+def _hand_case():
+    """2 images of a 4x8 grid (32 cells), 4 classes. Image 0: class 0 x20 (6 mispredicted),
+    class 1 x8, class 2 x3, class 3 x1. Image 1: class 0 x10, class 1 x4 (1 mispredicted),
+    class 3 x12, ignore x6."""
+    labels = torch.tensor([[0] * 20 + [1] * 8 + [2] * 3 + [3], [0] * 10 + [1] * 4 + [3] * 12 + [255] * 6])
+    preds = labels.clamp(max=3).clone()
+    preds[0, :6] = 1
+    preds[1, 10] = 0
+    return labels, preds
+
+
+def test_per_image_budget_on_a_hand_computed_case():
+    labels, preds = _hand_case()
+    # Qualifying share 0.1: more than 3.2 of the 32 cells, so image 0: {0, 1} (class 2 has 3),
+    # image 1: {0, 1, 3}. 24 anchors per image, at most 10 per (image, class):
+    # image 0: n_view = min(24 // 2, 10) = 10: class 0 gives 5 hard + 5 easy, class 1 all its 8;
+    # image 1: n_view = min(24 // 3, 10) = 8: class 0 8, class 1 all its 4 (1 hard), class 3 8.
+    torch.manual_seed(0)
+    a = sample_anchors(labels, preds, 4, max_views=10, per_image=24, min_share=0.1)
+    assert a.n_view.tolist() == [10, 8]
+    assert _by_pair(a, 32) == {(0, 0): (5, 5), (0, 1): (0, 8), (1, 0): (0, 8), (1, 1): (1, 3), (1, 3): (0, 8)}
+    assert oracle.sample_counts(labels, preds, 4, 0, 10, per_image=24, min_share=0.1) == (
+        {(0, 0): (5, 5), (0, 1): (0, 8), (1, 0): (0, 8), (1, 1): (1, 3), (1, 3): (0, 8)}, [10, 8])
+    keep_hard, keep_easy, n_view = anchor_counts(labels, preds, 4, max_views=10, per_image=24, min_share=0.1)
+    assert keep_hard.tolist() == [[5, 0, 0, 0], [0, 1, 0, 0]]
+    assert keep_easy.tolist() == [[5, 8, 0, 0], [8, 3, 0, 8]] and n_view.tolist() == [10, 8]
+
+
+def test_per_batch_budget_on_a_hand_computed_case():
+    labels, preds = _hand_case()
+    # The reference's rule: more than max_views = 10 cells qualify: (0, 0) with 20 and (1, 3) with
+    # 12 (class 0 of image 1 has exactly 10); n_view = min(20 // 2, 10) = 10 for both.
+    torch.manual_seed(0)
+    a = sample_anchors(labels, preds, 4, max_samples=20, max_views=10)
+    assert a.n_view.tolist() == [10, 10]
+    assert _by_pair(a, 32) == {(0, 0): (5, 5), (1, 3): (0, 10)}
+    # A smaller batch budget is shared by the batch's qualifying pairs: 13 // 2 = 6 each.
+    a = sample_anchors(labels, preds, 4, max_samples=13, max_views=10)
+    assert _by_pair(a, 32) == {(0, 0): (3, 3), (1, 3): (0, 6)}
+
+
+def test_default_budgets_are_the_references_numbers():
+    cfg = PixelContrastConfig()
+    assert cfg.budget == "per_image" and cfg.anchors_per_image * 2 == 1024 and cfg.max_views == 100
+    assert cfg.min_class_share * 128 * 256 == 100
+    # On the reference's 128x256 grid the share is its threshold: 100 cells do not qualify, 101 do.
+    labels = torch.zeros(2, 128 * 256, dtype=torch.long)
+    labels[:, :100] = 1
+    labels[:, 100:201] = 2
+    for kw in ({"per_image": cfg.anchors_per_image, "min_share": cfg.min_class_share}, {}):
+        a = sample_anchors(labels, labels, 3, 1024, 100, **kw)
+        assert set(a.label.tolist()) == {0, 2}, kw
+        assert _by_pair(a, 128 * 256) == {(b, c): (0, 100) for b in (0, 1) for c in (0, 2)}, kw
+
+
+def test_per_image_budget_does_not_depend_on_the_batch():
+    C, P = 9, 32 * 32
+    labels = blob_labels(4, 32, 32, C, seed=11)
+    preds = noisy_preds(labels, C, 0.4, seed=12)
+    kw = {"max_views": 100, "per_image": 150, "min_share": 100 / 32768}
+    pairs = {}
+    for B in (1, 2, 4):
+        torch.manual_seed(B)
+        a = sample_anchors(labels[:B], preds[:B], C, **kw)
+        pairs[B] = _by_pair(a, P)
+        assert a.n_view.tolist() == sample_anchors(labels, preds, C, **kw).n_view[:B].tolist()
+    first_two = {k: v for k, v in pairs[4].items() if k[0] < 2}
+    assert pairs[2] == first_two and pairs[1] == {k: v for k, v in first_two.items() if k[0] == 0}
+    assert sum(h + e for h, e in first_two.values()) > 0
+    # The budget per batch (the reference's rule) does depend on it: the test is not vacuous.
+    per_batch = [_by_pair(sample_anchors(labels[:B], preds[:B], C, 300, 100), P) for B in (2, 4)]
+    assert per_batch[0] != {k: v for k, v in per_batch[1].items() if k[0] < 2}
 
 
 def test_class_zero_and_ignore():
@@ -143,14 +232,17 @@ def _finite_with_grad(loss, leaf):
 
 def test_degenerate_batches_give_finite_losses():
     D = 8
-    # No qualifying class (every class has <= max_views pixels): no anchors.
+    # No qualifying class (every class has <= max_views pixels, or <= the share): no anchors.
     labels = torch.arange(40).remainder(4)[None]
     assert len(sample_anchors(labels, labels, 4, max_views=100)) == 0
+    a = sample_anchors(labels, labels, 4, per_image=512, min_share=0.25)
+    assert len(a) == 0 and a.n_view.tolist() == [0]
     emb = torch.randn(0, D, requires_grad=True)
     _finite_with_grad(contrast_loss(emb, torch.zeros(0, dtype=torch.long)), emb)
     # All-ignore crop.
     labels = torch.full((2, 500), 255)
     assert len(sample_anchors(labels, labels, 4)) == 0
+    assert len(sample_anchors(labels, labels, 4, per_image=512, min_share=0.0)) == 0
     # A single anchor in the batch, and every anchor of one class (no negatives).
     for y in (torch.tensor([2]), torch.zeros(10, dtype=torch.long)):
         f = F.normalize(torch.randn(len(y), D), dim=1).requires_grad_()
@@ -255,6 +347,49 @@ def test_contrast_is_active_on_a_single_process_after_the_warmup():
             assert terms["contrast"] == 0 and head_grad.abs().sum() == 0
 
 
+def test_logged_anchor_counts_are_the_samples_counts():
+    method, model, batch = _method_and_model(contrast_warmup=0.1)
+    names = method.info.class_names
+    model.train()
+    out = model(batch["image"])
+    _, terms = method(out, batch, 5)  # warm-up: no sample, every count 0
+    assert terms["anchors"] == 0 and all(terms[f"anchors/{n}"] == 0 for n in names)
+    torch.manual_seed(3)
+    _, terms = method(out, batch, 10)
+    torch.manual_seed(3)
+    a = method.sample(out, batch["mask"])
+    want = Counter(a.label.tolist())
+    assert len(set(want)) >= 2
+    assert {k: terms[f"anchors/{n}"].item() for k, n in enumerate(names)} == {k: float(want[k]) for k in range(len(names))}
+    assert terms["anchors"].item() == len(a) and terms["anchor_classes"].item() == len(want)
+    assert set(terms) == {"ce", "contrast", "anchors", "anchor_classes"} | {f"anchors/{n}" for n in names}
+    assert all(torch.is_tensor(v) for v in terms.values())  # read by the trainer on logging steps only
+    # The per-image default: each image's quota is min(512 // its qualifying classes, max_views).
+    labels = downsample_labels(batch["mask"], (16, 16)).flatten(1)
+    share = method.cfg.min_class_share * 256
+    q = torch.stack([(torch.bincount(row[row < 8], minlength=8) > share).sum() for row in labels])
+    assert torch.equal(a.n_view, torch.where(q > 0, torch.clamp(512 // q.clamp(min=1), max=10), 0))
+    # Wide datasets: totals only.
+    method.cfg.log_class_anchors = len(names) - 1
+    _, terms = method(out, batch, 10)
+    assert set(terms) == {"ce", "contrast", "anchors", "anchor_classes"}
+
+
+def test_per_batch_budget_is_the_old_rule():
+    method, model, batch = _method_and_model(contrast_warmup=0.0, budget="per_batch", max_samples=30)
+    model.train()
+    out = model(batch["image"])
+    torch.manual_seed(4)
+    a = method.sample(out, batch["mask"])
+    labels = downsample_labels(batch["mask"], (16, 16)).flatten(1)
+    preds = upsample_to(out["logits"].detach().float(), (16, 16)).argmax(1).flatten(1)
+    torch.manual_seed(4)
+    b = sample_anchors(labels, preds, 8, 30, 10)
+    assert torch.equal(a.index, b.index) and torch.equal(a.n_view, b.n_view)
+    q = sum(int((torch.bincount(row[row < 8], minlength=8) > 10).sum()) for row in labels)
+    assert q > 0 and a.n_view.unique().tolist() == [max(1, min(30 // q, 10))]
+
+
 def test_memory_fills_during_warmup_and_is_read_after():
     method, model, batch = _method_and_model(contrast_warmup=0.02, memory=True, memory_size=20)
     model.train()
@@ -283,6 +418,20 @@ def test_resume_carries_the_memory_bank(tmp_path):
         assert torch.equal(buf, resumed.method.state_dict()[name]), name
     for name, w in ref.model.state_dict().items():
         assert torch.equal(w, resumed.model.state_dict()[name]), name
+    # metrics.jsonl has the per-class anchor counts of each logged step.
+    rows = load_run(ref.run_dir)["train"]
+    names = ref.train_set.info.class_names
+    assert rows and all(sum(r[f"anchors/{n}"] for n in names) == r["anchors"] for r in rows)
+    assert any(r["anchors"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "key,value", [("budget", "per_gpu"), ("anchors_per_image", 0), ("min_class_share", 1.0), ("log_class_anchors", -1)]
+)
+def test_budget_settings_are_validated(key, value):
+    cfg = make_config(PixelContrastConfig, "synthetic", **{key: value})
+    with pytest.raises(ValueError, match=key):
+        cfg.validate()
 
 
 def test_config_class_names_its_method_and_a_mismatch_is_refused(tmp_path):

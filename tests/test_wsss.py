@@ -29,6 +29,7 @@ from ctxseg.methods.dscnet import (
     node_features,
     node_layout,
     sample_pixels,
+    sample_pixels_per_image,
 )
 from ctxseg.methods.wsss import (
     WSSSCam,
@@ -245,6 +246,46 @@ def test_anchor_sampling_takes_half_hard_and_fills_in():
     assert sample_pixels(torch.zeros(5, dtype=torch.bool), hard[:5], 8, 0.5).numel() == 0
 
 
+@pytest.mark.parametrize("n,fraction", [(32, 0.5), (60, 0.5), (1000, 0.5), (7, 0.3), (40, 1.0), (40, 0.0)])
+def test_per_image_anchor_sampling_matches_the_loop_oracle(n, fraction):
+    g = torch.Generator().manual_seed(n)
+    reliable = torch.rand(3, 120, generator=g) < torch.tensor([[0.9], [0.5], [0.0]])  # image 2: none
+    hard = torch.rand(3, 120, generator=g) < torch.tensor([[0.2], [0.7], [0.5]])
+    torch.manual_seed(0)
+    idx = sample_pixels_per_image(reliable, hard, n, fraction)
+    assert len(idx) == len(set(idx.tolist())) and reliable.flatten()[idx].all()
+    image, is_hard = idx // 120, hard.flatten()[idx]
+    got = {b: (int((is_hard & (image == b)).sum()), int((~is_hard & (image == b)).sum())) for b in range(3)}
+    assert got == oracle.pgcl_counts(reliable, hard, n, fraction)
+    # per_batch (the old rule) against the same oracle over the pooled batch
+    idx = sample_pixels(reliable.flatten(), hard.flatten(), n, fraction)
+    assert (int(hard.flatten()[idx].sum()), int((~hard.flatten()[idx]).sum())) == \
+        oracle.pgcl_counts(reliable, hard, n, fraction, per_image=False)[-1]
+
+
+def test_per_image_anchor_sampling_by_hand_and_independent_of_the_batch():
+    reliable = torch.ones(2, 10, dtype=torch.bool)
+    reliable[1, 6:] = False  # image 1: 6 reliable pixels
+    hard = torch.zeros(2, 10, dtype=torch.bool)
+    hard[0, :2] = True  # image 0: 2 hard, 8 easy; image 1: 6 easy
+    torch.manual_seed(0)
+    idx = sample_pixels_per_image(reliable, hard, 8, 0.5)
+    # image 0: 4 hard wanted, 2 exist, easy fills in: 2 + 6; image 1: all 6 reliable pixels.
+    assert sorted(idx[idx < 10].tolist())[:2] == [0, 1] and (idx < 10).sum() == 8
+    assert sorted(idx[idx >= 10].tolist()) == list(range(10, 16))
+    # Pooled over the batch (the old rule), image 1's pixels compete with image 0's.
+    idx = sample_pixels(reliable.flatten(), hard.flatten(), 8, 0.5)
+    assert len(idx) == 8 and hard.flatten()[idx].sum() == 2
+    # The same image gives the same number of anchors in a batch of 1, 2 or 4.
+    g = torch.Generator().manual_seed(5)
+    reliable = torch.rand(4, 200, generator=g) < 0.6
+    hard = torch.rand(4, 200, generator=g) < 0.3
+    per_image = [torch.bincount(sample_pixels_per_image(reliable[:b], hard[:b], 50, 0.5) // 200, minlength=b)
+                 for b in (1, 2, 4)]
+    assert per_image[0].tolist() == per_image[1][:1].tolist() == per_image[2][:1].tolist() == [50]
+    assert per_image[1].tolist() == per_image[2][:2].tolist()
+
+
 # ------------------------------------------------------------------------------------------------
 # The methods end to end on a batch
 def _batch_and_out(method, model, seed=0, b=4, size=32):
@@ -259,18 +300,20 @@ def _batch_and_out(method, model, seed=0, b=4, size=32):
     return out, {"image": image, "tags": tags, "mask": mask}
 
 
-@pytest.mark.parametrize("variant", ["A", "B"])
-def test_dscnet_terms_equal_the_oracles(variant):
+@pytest.mark.parametrize("variant,budget", [("A", "per_batch"), ("B", "per_image"), ("A", "per_image")])
+def test_dscnet_terms_equal_the_oracles(variant, budget):
     torch.manual_seed(0)
     cfg = make_config(DSCNetConfig, encoder="test_resnet", iters=10, dual_stream=variant, pgcl_anchors=64,
-                      seg_warmup=0.0)
+                      pgcl_anchors_per_image=10, pgcl_budget=budget, seg_warmup=0.0)
     method = DSCNet(cfg, VOC_LIKE, 10)
     model = build_model(cfg, VOC_LIKE.num_classes, heads=method.heads)
     out, batch = _batch_and_out(method, model)
     torch.manual_seed(1)
     loss, terms = method(out, batch, step=5)
     assert torch.isfinite(loss)
-    assert set(terms) == {"cls", "seg", "pseudo_coverage", "pgcl", "sgcl"}
+    names = VOC_LIKE.class_names
+    assert set(terms) == {"cls", "seg", "pseudo_coverage", "pgcl", "sgcl", "anchors", "anchor_classes"} | {
+        f"anchors/{n}" for n in names}
 
     # Recompute every piece with the oracles (same anchors: same RNG state).
     _, _, weak = method.weak_terms(out, batch, 5)
@@ -292,7 +335,19 @@ def test_dscnet_terms_equal_the_oracles(variant):
                               dtype=torch.float64) for o in onehot])
     pgcl = oracle.group_contrast(anchors.double(), anchor_labels, centres, has, 0.1)
     assert terms["pgcl"].item() == pytest.approx(pgcl.item(), abs=1e-5)
-    assert len(anchors) == min(64, int((weak["labels"] != IGNORE_INDEX).sum()))
+    reliable = (weak["labels"] != IGNORE_INDEX).flatten(1).sum(1)
+    if budget == "per_batch":
+        assert len(anchors) == min(64, int(reliable.sum()))
+    else:  # each image gives min(10, its reliable pixels)
+        labels = weak["labels"].flatten(1)
+        torch.manual_seed(1)
+        idx = sample_pixels_per_image(labels != IGNORE_INDEX, out["logits"].argmax(1).flatten(1) != labels, 10, 0.5)
+        assert torch.equal(anchors, z[idx]) and torch.equal(anchor_labels, y[idx])
+        assert torch.bincount(idx // labels.shape[1], minlength=4).tolist() == reliable.clamp(max=10).tolist()
+    # The logged per-class counts are the sample's.
+    counts = torch.bincount(anchor_labels, minlength=4)
+    assert [terms[f"anchors/{n}"].item() for n in names] == counts.float().tolist()
+    assert terms["anchors"].item() == len(anchors) and terms["anchor_classes"].item() == int((counts > 0).sum())
 
     loss.backward()
     for name, p in model.named_parameters():  # every head in the graph (DDP needs it)
@@ -337,7 +392,8 @@ def test_dscnet_heads_are_dropped_from_the_deployed_model():
 @pytest.mark.parametrize(
     "key,value",
     [("seg_warmup", 1.5), ("pamr_dilations", [0, 1]), ("pseudo_ambiguity", 0.0), ("dual_stream", "C"),
-     ("pgcl_hard_fraction", 2.0), ("temperature", 0.0), ("batch_sampler", "balanced")],
+     ("pgcl_hard_fraction", 2.0), ("temperature", 0.0), ("batch_sampler", "balanced"),
+     ("pgcl_budget", "per_gpu"), ("pgcl_anchors_per_image", 0), ("log_class_anchors", -1)],
 )
 def test_config_errors_name_the_setting(key, value):
     cfg = make_config(DSCNetConfig, iters=10, **{key: value})

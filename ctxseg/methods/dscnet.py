@@ -8,9 +8,10 @@ here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``
   to L2-normalised pixel embeddings ``z``. A *group* is the reliable pixels of one class (pseudo
   label not ignored, background included) across all images of the batch; its centre is the
   confidence-weighted mean of their embeddings (weight: the pixel's refined mask value for its
-  class), L2-normalised. Up to ``pgcl_anchors`` reliable pixels are sampled, ``pgcl_hard_fraction``
-  of them hard (predicted as another class than their pseudo label), and each is contrasted with
-  InfoNCE against all group centres (``temperature`` 0.1). It learns from pseudo labels, so it
+  class), L2-normalised. Each image gives up to ``pgcl_anchors_per_image`` (512) of its reliable
+  pixels, ``pgcl_hard_fraction`` of them hard (predicted as another class than their pseudo
+  label), uniformly at random within each kind; each anchor is contrasted with InfoNCE against
+  all group centres (``temperature`` 0.1). It learns from pseudo labels, so it
   switches on with the segmentation loss, after the warm-up.
 - **SGCL, semantic-wise graph contrast.** One node per (image, tagged class), plus the background
   class of a dataset that has one: the CAM-weighted mean of the decoder features (CAM weights
@@ -24,6 +25,14 @@ here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``
   ``dual_stream: B`` also feeds the graph's class embeddings (the normalised mean of a class's
   node embeddings) to PGCL as its group centres, so the pixel stream is pulled towards the
   semantic stream.
+
+PGCL's budget: the paper gives none; 1024 anchors is pixel contrast's per-GPU budget, whose public
+runs put 2 images on each GPU, so ``pgcl_budget: per_image`` (default, a **CHOICE**) gives each
+image 512 whatever the batch size and the number of processes; ``pgcl_budget: per_batch`` draws
+``pgcl_anchors`` (1024) from the pooled reliable pixels of the process's batch, as before. The
+anchors are drawn by pixel, not by class (no per-class quota or qualifying size), so a class gets
+anchors in proportion to its reliable area. The forward logs the anchors of each pseudo class
+(``anchors/<class>``, see ``log_class_anchors``).
 
 Everything is vectorised over images, classes, nodes and anchors. Contrastive similarities are
 computed in float32. The projection head and the graph module are training-only heads: the
@@ -39,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxseg.data.base import IGNORE_INDEX
-from ctxseg.methods.pixel_contrast import ProjectionHead
+from ctxseg.methods.pixel_contrast import BUDGETS, ProjectionHead, anchor_terms, class_counts, rank_in_groups
 from ctxseg.methods.wsss import WSSSCam, WSSSConfig, cam_masks
 from ctxseg.models.segmenter import Head
 
@@ -52,12 +61,19 @@ class DSCNetConfig(WSSSConfig):
         proj_dim: width of the pixel embeddings and of the graph's node embeddings.
         temperature: tau of both InfoNCE losses.
         pgcl_weight, sgcl_weight: weights of the two contrastive losses.
-        pgcl_anchors: most anchor pixels per batch.
+        pgcl_budget: ``per_image`` (default): at most ``pgcl_anchors_per_image`` anchors from each
+            image; ``per_batch``: at most ``pgcl_anchors`` from the process's whole batch.
+        pgcl_anchors_per_image: most anchor pixels per image (``per_image``; **CHOICE**: pixel
+            contrast's 1024 per GPU of 2 images).
+        pgcl_anchors: most anchor pixels per process batch (``per_batch`` only).
         pgcl_hard_fraction: share of the anchors drawn from hard pixels (the rest easy; either
             fills in when the other is short).
         detach_centres: stop gradients through the PGCL group centres.
         detach_node_cams: stop gradients through the CAM weights that pool the node features.
         dual_stream: ``A`` (sum of the losses) or ``B`` (graph class embeddings as PGCL centres).
+        log_class_anchors: the forward returns ``anchors/<class>`` (PGCL anchors of each class in
+            the step's sample) when the dataset has at most this many classes; ``anchors`` and
+            ``anchor_classes`` always.
     """
 
     method: str = "dscnet"
@@ -65,16 +81,24 @@ class DSCNetConfig(WSSSConfig):
     temperature: float = 0.1
     pgcl_weight: float = 0.1
     sgcl_weight: float = 0.1
+    pgcl_budget: str = "per_image"
+    pgcl_anchors_per_image: int = 512
     pgcl_anchors: int = 1024
     pgcl_hard_fraction: float = 0.5
     detach_centres: bool = False
     detach_node_cams: bool = True
     dual_stream: str = "A"
+    log_class_anchors: int = 40
 
     def validate(self) -> DSCNetConfig:
         super().validate()
-        if self.proj_dim <= 0 or self.pgcl_anchors <= 0:
-            raise ValueError(f"proj_dim and pgcl_anchors must be positive, got {self.proj_dim}, {self.pgcl_anchors}")
+        for name in ("proj_dim", "pgcl_anchors", "pgcl_anchors_per_image"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pgcl_budget not in BUDGETS:
+            raise ValueError(f"pgcl_budget must be one of {BUDGETS}, got {self.pgcl_budget!r}")
+        if self.log_class_anchors < 0:
+            raise ValueError(f"log_class_anchors must be >= 0, got {self.log_class_anchors}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.pgcl_hard_fraction <= 1.0:
@@ -202,6 +226,23 @@ def sample_pixels(reliable: torch.Tensor, hard: torch.Tensor, n: int, hard_fract
     return torch.cat([hard_idx, easy_idx])
 
 
+def sample_pixels_per_image(reliable: torch.Tensor, hard: torch.Tensor, n: int, hard_fraction: float) -> torch.Tensor:
+    """``sample_pixels`` in every image at once: flat indices into (B, P) ``reliable`` / ``hard``
+    of at most ``n`` reliable pixels per image, ``hard_fraction`` of them hard when there are
+    enough (either kind fills in for the other), uniformly at random within each (image, kind)."""
+    B, P = reliable.shape
+    image = torch.arange(B, device=reliable.device)[:, None].expand(B, P)
+    n_hard = (reliable & hard).sum(1)
+    n_easy = (reliable & ~hard).sum(1)
+    keep_hard = torch.minimum(n_hard, torch.clamp(n - n_easy, min=round(n * hard_fraction)))
+    keep_easy = torch.minimum(n_easy, n - keep_hard)
+    pix = reliable.flatten().nonzero().squeeze(1)
+    groups = image.flatten()[pix] * 2 + (~hard.flatten()[pix]).long()  # (image, easy)
+    order, rank = rank_in_groups(groups, B * 2, shuffle=True)
+    keep = torch.stack([keep_hard, keep_easy], dim=1).flatten()
+    return pix[order[rank < keep[groups[order]]]]
+
+
 def group_contrast(anchors: torch.Tensor, anchor_labels: torch.Tensor, centres: torch.Tensor,
                    has_centre: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE of each anchor (M, d) against all existing centres (C, d): the mean over anchors of
@@ -245,8 +286,13 @@ class DSCNet(WSSSCam):
         flat_z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         flat_y = labels.reshape(-1)
         conf = pixel_confidence(weak["refined"], labels)
-        preds = out["logits"].argmax(1).reshape(-1)
-        idx = sample_pixels(flat_y != IGNORE_INDEX, preds != flat_y, self.cfg.pgcl_anchors, self.cfg.pgcl_hard_fraction)
+        preds = out["logits"].argmax(1)
+        reliable, hard = labels != IGNORE_INDEX, preds != labels
+        if self.cfg.pgcl_budget == "per_batch":
+            idx = sample_pixels(reliable.reshape(-1), hard.reshape(-1), self.cfg.pgcl_anchors, self.cfg.pgcl_hard_fraction)
+        else:
+            idx = sample_pixels_per_image(reliable.flatten(1), hard.flatten(1), self.cfg.pgcl_anchors_per_image,
+                                          self.cfg.pgcl_hard_fraction)
         return flat_z[idx], flat_y[idx], flat_z, flat_y, conf.reshape(-1)
 
     def forward(self, out, batch, step):
@@ -265,4 +311,5 @@ class DSCNet(WSSSCam):
         pgcl = group_contrast(anchors, anchor_labels, centres, has, cfg.temperature)
         loss = loss + (cfg.pgcl_weight if weak["seg_on"] else 0.0) * pgcl + cfg.sgcl_weight * sgcl
         terms.update({"pgcl": pgcl.detach(), "sgcl": sgcl.detach()})
+        terms.update(anchor_terms(class_counts(anchor_labels, c), self.info.class_names, cfg.log_class_anchors))
         return loss, terms
