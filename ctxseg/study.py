@@ -156,7 +156,7 @@ def plan_runs(specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path
 def as_trained(cfg):
     """``cfg`` as training stores it in config.yaml (the input normalisation, left None to mean
     "the encoder's", resolved as the Trainer resolves it)."""
-    return cfg.with_normalization()
+    return cfg.resolved()
 
 
 def config_diff(saved: dict[str, Any], cfg) -> list[tuple[str, Any, Any]]:

@@ -25,7 +25,7 @@ def build_model(cfg: TrainConfig, num_classes: int, heads=None, load_pretrained:
     """The segmenter a config describes (heads: training-only heads, or None to deploy).
     ``load_pretrained=False`` skips reading the encoder's starting weights (a trained model's are
     loaded next anyway, and that must not need the hub or the original weights file)."""
-    cfg = cfg.with_normalization()
+    cfg = cfg.resolved()
     return Segmenter(
         num_classes,
         encoder=cfg.encoder,
@@ -112,6 +112,8 @@ def trained_config(plain: dict) -> TrainConfig:
     if cfg.norm_mean is None or cfg.norm_std is None:
         # Runs from before the setting existed were all normalised with ImageNet's statistics.
         cfg = apply_overrides(cfg, {"norm_mean": IMAGENET_MEAN, "norm_std": IMAGENET_STD}, "checkpoint")
+    if cfg.pretrained is None:
+        cfg = apply_overrides(cfg, {"pretrained": False}, "checkpoint")  # its weights are loaded next
     return cfg
 
 

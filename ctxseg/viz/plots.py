@@ -51,11 +51,13 @@ def plot_learning_curves(runs: Sequence[dict], smooth: int = 5):
 
 def plot_loss_terms(run: dict, terms: Sequence[str] | None = None, smooth: int = 5, ax=None):
     """Each logged loss term of one run (``ce``, ``contrast``, ...) vs step, moving-averaged over
-    ``smooth`` rows; terms default to every numeric column except step, epoch, lr, timing."""
+    ``smooth`` rows; terms default to every numeric column except step, epoch, lr, timing and the
+    anchor counts (``anchors``, ``anchors/<class>``, ...), which are not losses."""
     fig, ax = _figure(ax, (7, 3.5))
     rows = run["train"]
     skip = {"step", "epoch", "lr", "sec_per_iter"}
-    terms = terms or [k for k in rows[0] if k not in skip and isinstance(rows[0][k], (int, float))]
+    terms = terms or [k for k in rows[0] if k not in skip and not k.startswith("anchor")
+                      and isinstance(rows[0][k], (int, float))]
     steps = np.array([r["step"] for r in rows])
     for key in terms:
         vals = np.array([r.get(key, np.nan) for r in rows], dtype=float)
