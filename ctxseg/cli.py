@@ -36,7 +36,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: synthetic)")
     p.add_argument("--data-root", help="dataset folder (default: data/<name>)")
-    p.add_argument("--encoder", help="timm encoder name (default: the dataset's; resnet18, CamVid tf_efficientnet_lite0)")
+    p.add_argument("--encoder", help="timm encoder name (default: tf_efficientnet_lite0, ImageNet weights included)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int)
     length.add_argument("--iters", type=int)

@@ -216,10 +216,8 @@ def test_pretrained_setting_takes_a_bool_or_a_path(raw, expected):
 
 
 def test_pretrained_auto_loads_packaged_weights_only():
-    from ctxseg.config import DATASET_DEFAULTS
-
     camvid = make_config(CEConfig, "camvid", iters=1)
-    assert camvid.encoder == DATASET_DEFAULTS["camvid"]["encoder"] == LITE0 and camvid.pretrained is None
+    assert camvid.encoder == LITE0 and camvid.pretrained is None
     assert camvid.resolved().pretrained is True and camvid.resolved().norm_mean == (0.5, 0.5, 0.5)
     # Naming another encoder never reaches for the hub by default: from scratch, ImageNet's statistics.
     for enc in ("resnet18", "test_resnet"):
