@@ -277,10 +277,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-# Every method, each for the same number of steps: about 15 minutes in all on a 2-core laptop CPU
-# with the synthetic defaults (ResNet-18 + FPN, batch 8, 128x128; see README).
+# Every method, each for the same number of steps, from the default ImageNet-pretrained encoder
+# (tf_efficientnet_lite0, batch 8, 128x128): about 12 minutes in all on a 2-core laptop CPU (README).
 DEMO_METHODS = ("ce", "pixel_contrast", "contextrast", "wsss_cam", "dscnet")
-DEMO_ITERS = 300
+DEMO_ITERS = 200
 
 
 def cmd_demo(args) -> int:
