@@ -224,3 +224,20 @@ def test_pretrained_auto_loads_packaged_weights_only():
         cfg = make_config(CEConfig, "camvid", iters=1, encoder=enc).resolved()
         assert cfg.pretrained is False and cfg.norm_mean == IMAGENET_MEAN
     assert make_config(CEConfig, "camvid", iters=1, pretrained=False).resolved().pretrained is False
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_larger_lite_packages_map_the_same_way(n):
+    """EfficientNet-Lite1/2 (the `lite` extra): the same structural mapping uses every tensor once."""
+    encoder = f"tf_efficientnet_lite{n}"
+    try:
+        path = packaged_weights_file(encoder)
+    except PretrainedError as e:
+        pytest.skip(str(e))  # the extra is not installed
+    state = read_state_dict(path)
+    with torch.device("meta"):
+        full = timm.create_model(encoder)
+    names = efficientnet_pytorch_names(full)
+    assert sorted(names.values()) == sorted(state)
+    target = full.state_dict()
+    assert all(target[k].shape == state[v].shape for k, v in names.items())
