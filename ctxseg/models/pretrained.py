@@ -232,8 +232,8 @@ def check_hub_reachable(encoder: str, timeout: float = 3.0) -> None:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            for name in (cfg.hf_hub_filename or "open_clip_pytorch_model.bin", "model.safetensors",
-                         "pytorch_model.bin"):  # fmt: skip
+            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+            for name in names:  # the files timm would read
                 if isinstance(try_to_load_from_cache(cfg.hf_hub_id, name), str):
                     return  # cached: timm loads it offline
         except ImportError:
