@@ -153,21 +153,15 @@ def plan_runs(specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path
     return runs
 
 
-def as_trained(cfg):
-    """``cfg`` as training stores it in config.yaml (the input normalisation, left None to mean
-    "the encoder's", resolved as the Trainer resolves it)."""
-    return cfg.resolved()
-
-
 def config_diff(saved: dict[str, Any], cfg) -> list[tuple[str, Any, Any]]:
     """(key, saved value, asked value) for every setting where a run folder's config.yaml differs
     from ``cfg``, ignoring ``IGNORED_KEYS``. Both sides are read as training stores them; a key the
     saved file lacks (a run from an older version) counts as its default."""
     from ctxseg.config import from_plain, to_plain
 
-    saved_plain = to_plain(as_trained(from_plain(type(cfg), saved)))
+    saved_plain = to_plain(from_plain(type(cfg), saved).resolved())
     diffs = []
-    for key, value in to_plain(as_trained(cfg)).items():
+    for key, value in to_plain(cfg.resolved()).items():
         if key not in IGNORED_KEYS and saved_plain.get(key) != value:
             diffs.append((key, saved_plain.get(key), value))
     return diffs

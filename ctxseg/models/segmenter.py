@@ -132,7 +132,8 @@ class Segmenter(nn.Module):
         # x_encoder = (x * s_data + m_data - mean) / std, (m_data, s_data) being ImageNet's.
         scale = torch.tensor(IMAGENET_STD) / std
         shift = (torch.tensor(IMAGENET_MEAN) - mean) / std
-        self.renormalize = in_chans == 3 and not (torch.allclose(scale, torch.ones(3)) and torch.allclose(shift, torch.zeros(3)))
+        identity = torch.allclose(scale, torch.ones(3)) and torch.allclose(shift, torch.zeros(3))
+        self.renormalize = in_chans == 3 and not identity  # skipped for ImageNet-normalised encoders
         self.register_buffer("input_scale", scale.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("input_shift", shift.view(1, -1, 1, 1), persistent=False)
         reductions = list(self.encoder.feature_info.reduction())
