@@ -110,6 +110,14 @@ def require_dir(path: Path, layout: str) -> Path:
     return path
 
 
+class Validity(tv_tensors.Mask):
+    """Which pixels of a sample are image (1) and which are padding a transform added (0).
+
+    A ``tv_tensors.Mask`` subclass, so torchvision's v2 transforms move it exactly as they move the
+    label map (nearest-neighbour resize, the same crop and flip), while ``RandomCrop`` pads it
+    with its own fill (0) instead of the label map's 255."""
+
+
 def tags_from_mask(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Image-level tags (multi-hot float vector of length C) of the classes present in ``mask``."""
     valid = mask[mask != IGNORE_INDEX].long()
@@ -125,9 +133,15 @@ class SegmentationDataset(Dataset):
     whether the run was resumed.
 
     Each item is a dict: ``image`` float (3, H, W), ``mask`` int64 (H, W) with 255 = ignore,
-    ``tags`` float (C,) multi-hot, ``index`` int. The tags are those of the whole image (the
-    classes in its un-augmented mask), as an image-level annotation gives them: a crop can lose a
-    tagged class, as it does in weakly supervised training on real tags.
+    ``valid`` bool (H, W): True where the pixel is image, False where a crop padded it (taken from
+    the transform, never from the mask, whose 255s also mark VOC's object boundaries), ``tags``
+    float (C,) multi-hot, ``index`` int. The tags are those of the whole image (``image_level_tags``:
+    the classes in its un-augmented mask, unless the dataset has annotated tags), as an image-level
+    annotation gives them: a crop can lose a tagged class (README, weak supervision, measures how
+    often and how the weakly supervised methods draw their crops so that it does not).
+
+    ``load`` may return ``None`` for the mask of an image that has none (a tags-only dataset):
+    the item's mask is then all 255 and the dataset must override ``image_level_tags``.
     """
 
     info: DatasetInfo
@@ -135,8 +149,14 @@ class SegmentationDataset(Dataset):
     def __init__(self, transform=None):
         self.transform = transform
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
+
+    def image_level_tags(self, i: int, mask: np.ndarray | None) -> torch.Tensor:
+        """(C,) multi-hot tags of sample i: by default the classes of its (un-augmented) mask."""
+        if mask is None:
+            raise DatasetError(f"{self.describe(i)}: no label map and no image-level tags for it")
+        return tags_from_mask(torch.from_numpy(mask), self.num_classes)
 
     def describe(self, i: int) -> str:
         return f"{type(self).__name__}[{i}]"
@@ -153,23 +173,26 @@ class SegmentationDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {type(self).__name__} of length {len(self)}")
         image, mask = self.load(i)
+        tags = self.image_level_tags(i, mask)
+        if mask is None:
+            mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.int64)
         check_sample(image, mask, self.num_classes, self.describe(i))
-        tags = tags_from_mask(torch.from_numpy(mask), self.num_classes)
         image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+        valid = Validity(torch.ones(mask.shape, dtype=torch.uint8))
         if self.transform is not None:
             if seed is None:
-                image, mask = self.transform(image, mask)
+                image, mask, valid = self.transform(image, mask, valid)
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    image, mask = self.transform(image, mask)
+                    image, mask, valid = self.transform(image, mask, valid)
         if image.dtype == torch.uint8:
             image = image.float() / 255.0
-        mask = mask.as_subclass(torch.Tensor).long()
         return {
             "image": image.as_subclass(torch.Tensor),
-            "mask": mask,
+            "mask": mask.as_subclass(torch.Tensor).long(),
+            "valid": valid.as_subclass(torch.Tensor).bool(),
             "tags": tags,
             "index": i,
         }
@@ -178,7 +201,7 @@ class SegmentationDataset(Dataset):
         """(N, C) multi-hot image-level tags of every sample (what a class-aware batch sampler
         groups by). The default reads every sample; datasets with a cheaper way override it."""
         return torch.stack(
-            [tags_from_mask(torch.from_numpy(self.load(i)[1]), self.num_classes) for i in range(len(self))]
+            [self.image_level_tags(i, self.load(i)[1]) for i in range(len(self))]
         ) if len(self) else torch.zeros(0, self.num_classes)
 
 

@@ -1,7 +1,8 @@
 """Joint image + mask transforms on ``torchvision.transforms.v2`` with ``tv_tensors.Mask``.
 
 Masks are resized with nearest-neighbour interpolation and padded with 255 (ignore) by v2 itself,
-because they are typed as ``tv_tensors.Mask``; colour jitter leaves them untouched.
+because they are typed as ``tv_tensors.Mask``; colour jitter leaves them untouched. The validity
+map (``Validity``, a Mask subclass) travels with them and is padded with 0.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ctxseg.data.base import IGNORE_INDEX
+from ctxseg.data.base import IGNORE_INDEX, Validity
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,8 +56,8 @@ def train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """Random scale, random crop (image padded with 0, mask with 255), flip, colour jitter,
-    then float conversion and normalisation. ``crop`` is (H, W)."""
+    """Random scale, random crop (image padded with 0, mask with 255, validity map with 0), flip,
+    colour jitter, then float conversion and normalisation. ``crop`` is (H, W)."""
     ops: list = []
     if tuple(scale_range) != (1.0, 1.0):
         ops.append(RandomScale(scale_range))
@@ -64,7 +65,7 @@ def train_transform(
         v2.RandomCrop(
             size=tuple(crop),
             pad_if_needed=True,
-            fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX},
+            fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX, Validity: 0},
         )
     )
     if hflip:
@@ -80,8 +81,9 @@ def eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """Optional resize of the image to ``size`` (H, W) (the mask keeps its resolution so metrics
-    are computed at the label's resolution), then float conversion and normalisation."""
+    """Optional resize of the image (and its validity map) to ``size`` (H, W) (the mask keeps its
+    resolution so metrics are computed at the label's resolution), then float conversion and
+    normalisation."""
     ops: list = []
     if size is not None:
         ops.append(_ResizeImageOnly(size))
@@ -94,7 +96,7 @@ class _ResizeImageOnly(v2.Transform):
         self.size = list(size)
 
     def transform(self, inpt, params):
-        if isinstance(inpt, tv_tensors.Image):
+        if isinstance(inpt, (tv_tensors.Image, Validity)):
             return TF.resize(inpt, self.size, antialias=True)
         return inpt
 
