@@ -36,7 +36,7 @@ def _write_label(path: Path, values: list[int], size: tuple[int, int] = (H, W)) 
 
 
 def _check_item(item: dict, num_classes: int, index: int) -> None:
-    assert set(item) == {"image", "mask", "tags", "index"}
+    assert set(item) == {"image", "mask", "valid", "tags", "index"}
     assert item["image"].shape == (3, H, W) and item["image"].dtype == torch.float32
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
     assert item["mask"].shape == (H, W) and item["mask"].dtype == torch.int64

@@ -111,7 +111,7 @@ def test_items_have_shapes_labels_and_whole_mask_tags(devkit: Path) -> None:
         ds = VOC(devkit, split)
         for i, image_id in enumerate(SPLITS[split]):
             item = ds[i]
-            assert set(item) == {"image", "mask", "tags", "index"} and item["index"] == i
+            assert set(item) == {"image", "mask", "valid", "tags", "index"} and item["index"] == i
             assert item["image"].shape == (3, H, W) and item["image"].dtype == torch.float32
             assert item["mask"].shape == (H, W) and item["mask"].dtype == torch.int64
             assert torch.equal(item["mask"], torch.from_numpy(_mask(LABELS[image_id]).astype(np.int64)))
