@@ -118,7 +118,7 @@ def test_items_have_shapes_labels_and_whole_mask_tags(devkit: Path) -> None:
             assert item["mask"][0].eq(IGNORE_INDEX).all()  # the boundary is kept as ignore
             assert item["tags"].nonzero().flatten().tolist() == LABELS[image_id]
     # A crop keeps the whole image's tags, background included.
-    crop = VOC(devkit, "train", transform=lambda im, m: (im[:, 1:3, 1:3], m[1:3, 1:3]))[0]
+    crop = VOC(devkit, "train", transform=lambda im, m, v: (im[:, 1:3, 1:3], m[1:3, 1:3], v[1:3, 1:3]))[0]
     assert crop["mask"].unique().tolist() == [0] and crop["tags"].nonzero().flatten().tolist() == [0, 1, 12]
 
 
