@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -24,8 +24,9 @@ class TrainConfig:
 
     Attributes:
         method: method name (``ce``, ...); set by the CLI.
-        data: dataset name: synthetic | camvid | cityscapes | ade20k | voc.
-        data_root: dataset folder (default ``data/<name>``; unused for synthetic).
+        data: dataset name: synthetic | camvid | cityscapes | ade20k | voc | folder (your own data,
+            ``ctxseg.data.folder``).
+        data_root: dataset folder (default ``data/<name>``; unused for synthetic; required for folder).
         encoder: timm encoder name (``features_only=True`` must give strides 4..32).
         pretrained: encoder weights: ``true`` (ImageNet: packaged with ctxseg for the
             EfficientNet-Lite encoders, so offline; timm's hub for the others), ``false`` (from
@@ -69,6 +70,9 @@ class TrainConfig:
         synthetic_train_len: number of synthetic training images.
         device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ...
     """
+
+    # A method's own per-dataset defaults, applied over ``DATASET_DEFAULTS`` (not a setting).
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     method: str = "ce"
     data: str = "synthetic"
@@ -175,13 +179,16 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cityscapes": {"crop": (512, 1024)},
     "ade20k": {"crop": (512, 512), "eval_batch_size": 1},
     "voc": {"crop": (320, 320), "eval_batch_size": 1},  # image sizes vary (about 500x375)
+    "folder": {"crop": (320, 320), "eval_batch_size": 1},  # a user's own images, of any sizes
 }
 
 
 def make_config(cls: type[TrainConfig], data: str = "synthetic", **overrides) -> TrainConfig:
     """A config of class ``cls`` for dataset ``data``: field defaults, then the dataset's
-    defaults, then ``overrides`` (the resolution the CLI uses, for notebooks and scripts)."""
-    cfg = apply_overrides(cls(data=data), DATASET_DEFAULTS.get(data, {}), f"dataset defaults for {data}")
+    defaults (a method's own ``dataset_defaults`` over ``DATASET_DEFAULTS``), then ``overrides``
+    (the resolution the CLI uses, for notebooks and scripts)."""
+    defaults = {**DATASET_DEFAULTS.get(data, {}), **cls.dataset_defaults.get(data, {})}
+    cfg = apply_overrides(cls(data=data), defaults, f"dataset defaults for {data}")
     return apply_overrides(cfg, overrides, "make_config")
 
 

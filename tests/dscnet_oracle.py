@@ -7,43 +7,60 @@ from __future__ import annotations
 import torch
 
 
-def class_scores(y, masks, eps, p, lam):
+def class_scores(y, masks, eps, p, lam, valid=None):
     b, c, h, w = y.shape
     out = torch.zeros(b, c, dtype=torch.float64)
     for i in range(b):
         for k in range(c):
-            num, den, total = 0.0, eps, 0.0
+            num, den, total, area = 0.0, eps, 0.0, 0
             for r in range(h):
                 for s in range(w):
+                    if valid is not None and not valid[i, r, s]:
+                        continue
                     num = num + masks[i, k, r, s] * y[i, k, r, s]
                     den = den + masks[i, k, r, s]
                     total = total + masks[i, k, r, s]
-            mean = total / (h * w)
+                    area += 1
+            mean = total / area
             out[i, k] = num / den + (1 - mean) ** p * torch.log(lam + mean)
     return out
 
 
-def pamr(image, masks, dilations, iters, temperature):
-    """Image and masks on the same grid; replicate padding = clamped coordinates."""
+def pamr(image, masks, dilations, iters, temperature, valid=None):
+    """Image and masks on the same grid; replicate padding = clamped coordinates. The local std is
+    1-stage-wseg's: per channel over every dilation's 3x3 neighbourhood, centre included once per
+    dilation, unbiased. With ``valid``: padding neighbours weigh 0, padding pixels hold 0."""
     b, _, h, w = image.shape
     image, masks = image.double(), masks.double()
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     weights = torch.zeros(b, len(offsets), h, w, dtype=torch.float64)
+
+    def at(r, s):
+        return min(max(r, 0), h - 1), min(max(s, 0), w - 1)
+
     for i in range(b):
         for r in range(h):
             for s in range(w):
-                nbs = [image[i, :, min(max(r + oy, 0), h - 1), min(max(s + ox, 0), w - 1)] for oy, ox in offsets]
-                stack = torch.stack(nbs, 1)  # (3, K)
-                std = stack.std(1, unbiased=False)
-                kappa = [(-(image[i, :, r, s] - nb).abs() / (temperature * std + 1e-8)).mean() for nb in nbs]
-                weights[i, :, r, s] = torch.softmax(torch.stack(kappa), 0)
+                if valid is not None and not valid[i, r, s]:
+                    continue
+                nbs = [image[i, :, at(r + oy, s + ox)[0], at(r + oy, s + ox)[1]] for oy, ox in offsets]
+                window = torch.stack(nbs + [image[i, :, r, s]] * len(dilations), 1)  # (3, 9 * D)
+                std = window.std(1, unbiased=True)
+                kappa, use = [], []
+                for (oy, ox), nb in zip(offsets, nbs):
+                    kappa.append((-(image[i, :, r, s] - nb).abs() / (temperature * std + 1e-8)).mean())
+                    use.append(valid is None or bool(valid[i, at(r + oy, s + ox)[0], at(r + oy, s + ox)[1]]))
+                e = torch.stack([torch.exp(k) if u else torch.zeros((), dtype=torch.float64) for k, u in zip(kappa, use)])
+                weights[i, :, r, s] = e / e.sum()
+    if valid is not None:
+        masks = masks * valid[:, None]
     for _ in range(iters):
         new = torch.zeros_like(masks)
         for i in range(b):
             for r in range(h):
                 for s in range(w):
                     for k, (oy, ox) in enumerate(offsets):
-                        rr, ss = min(max(r + oy, 0), h - 1), min(max(s + ox, 0), w - 1)
+                        rr, ss = at(r + oy, s + ox)
                         new[i, :, r, s] += weights[i, k, r, s] * masks[i, :, rr, ss]
         masks = new
     return masks
@@ -110,7 +127,7 @@ def node_contrast(z, classes, images, present, tau):
     return torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
 
 
-def pseudo_labels(masks, min_conf, ambiguity):
+def pseudo_labels_pixel_best(masks, min_conf, ambiguity):
     b, c, h, w = masks.shape
     out = torch.full((b, h, w), 255, dtype=torch.long)
     for i in range(b):
@@ -123,6 +140,41 @@ def pseudo_labels(masks, min_conf, ambiguity):
                     out[i, r, s] = k
     return out
 
+
+def pseudo_labels_class_max(masks, cutoff, floor, background=None, cutoff_background=0.7, drop_ambiguous=True):
+    b, c, h, w = masks.shape
+    out = torch.full((b, h, w), 255, dtype=torch.long)
+    for i in range(b):
+        thr = []
+        for k in range(c):
+            peak = max(float(masks[i, k, r, s]) for r in range(h) for s in range(w))
+            thr.append(max((cutoff_background if k == background else cutoff) * peak, floor))
+        for r in range(h):
+            for s in range(w):
+                claims = [(float(masks[i, k, r, s]), k) for k in range(c) if float(masks[i, k, r, s]) > thr[k]]
+                if len(claims) == 1 or (claims and not drop_ambiguous):
+                    out[i, r, s] = max(claims)[1]
+    return out
+
+
+def balanced_ce(logits, labels):
+    """1-stage-wseg's class-balanced CE, one image and one pixel at a time (logits and labels on
+    the same grid; every pixel is image)."""
+    b, c, h, w = logits.shape
+    per_image = []
+    for i in range(b):
+        counts = [sum(int(labels[i, r, s]) == k for r in range(h) for s in range(w)) for k in range(c)]
+        n = sum(counts)
+        total = torch.zeros((), dtype=torch.float64)
+        for r in range(h):
+            for s in range(w):
+                k = int(labels[i, r, s])
+                if k == 255:
+                    continue
+                ce = -torch.log_softmax(logits[i, :, r, s].double(), 0)[k]
+                total = total + (n - counts[k]) / (1 + n) * ce
+        per_image.append(total / (h * w))
+    return torch.stack(per_image).mean()
 
 
 def pgcl_counts(reliable, hard, n, hard_fraction, per_image=True):

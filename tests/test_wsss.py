@@ -26,6 +26,7 @@ from ctxseg.methods.dscnet import (
     group_centres,
     group_contrast,
     node_contrast,
+    node_embeddings,
     node_features,
     node_layout,
     sample_pixels,
@@ -35,14 +36,19 @@ from ctxseg.methods.wsss import (
     WSSSCam,
     WSSSConfig,
     _without_unlabelled,
+    balanced_cross_entropy,
     cam_masks,
     class_scores,
+    classification_ap,
     classification_loss,
+    complete_images,
     evaluate_weak,
     pamr,
     pamr_affinity,
-    pseudo_labels,
+    pseudo_labels_class_max,
+    pseudo_labels_pixel_best,
     restrict_to_tags,
+    validity_on,
 )
 
 VOC_LIKE = DatasetInfo("voc-like", ("background", "a", "b", "c"), ((0, 0, 0),) * 4, background=0)
@@ -73,6 +79,26 @@ def test_ngwp_and_size_penalty_by_hand():
     y = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
     m = y.softmax(1)
     assert torch.allclose(class_scores(y, m, 1.0, 3.0, 0.01), oracle.class_scores(y, m, 1.0, 3.0, 0.01), atol=1e-10)
+    # Padding is not image: the scores over the valid pixels equal the oracle's, and differ from
+    # pooling everything.
+    valid = torch.ones(2, 4, 5, dtype=torch.bool)
+    valid[:, 3:] = False
+    valid[1, :, 4] = False
+    got = class_scores(y, m, 1.0, 3.0, 0.01, valid)
+    assert torch.allclose(got, oracle.class_scores(y, m, 1.0, 3.0, 0.01, valid), atol=1e-10)
+    assert not torch.allclose(got, class_scores(y, m, 1.0, 3.0, 0.01))
+    # ... and equal the scores of the image cropped to its valid part.
+    assert torch.allclose(got[0], class_scores(y[:1, :, :3], m[:1, :, :3])[0], atol=1e-12)
+
+
+def test_validity_on_the_logits_grid():
+    valid = torch.zeros(1, 8, 8, dtype=torch.bool)
+    valid[:, :6, :5] = True  # cells of 2x2: rows 0-2 whole, columns 0-1 whole, column 2 half
+    got = validity_on(valid, (4, 4))[0]
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:3, :3] = True
+    assert torch.equal(got, expected)
+    assert validity_on(None, (4, 4)) is None and torch.equal(validity_on(valid, (8, 8)), valid)
 
 
 def test_classification_loss_never_asks_for_the_background():
@@ -125,18 +151,122 @@ def test_pamr_equals_the_loop_oracle_and_resizes_the_image_to_the_masks():
     masks = torch.rand(2, 3, 5, 6, generator=g).softmax(1)
     got = pamr(image, masks, dilations=(1, 2), iters=3, temperature=0.1)
     assert torch.allclose(got.double(), oracle.pamr(image, masks, (1, 2), 3, 0.1), atol=1e-5)
+    # The local std is 1-stage-wseg's (centre once per dilation, unbiased): a neighbourhood-only,
+    # biased std would give other weights.
+    nb = torch.stack([F.pad(image, (2,) * 4, mode="replicate")[..., 2 + dy: 7 + dy, 2 + dx: 8 + dx]
+                      for d in (1, 2) for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx], 2)
+    other = (-(image[:, :, None] - nb).abs() / (0.1 * nb.std(2, unbiased=False, keepdim=True) + 1e-8)).mean(1)
+    assert not torch.allclose(pamr_affinity(image, (1, 2)), other.softmax(1), atol=1e-3)
+    # Padding (valid False) is neither read nor written.
+    valid = torch.ones(2, 5, 6, dtype=torch.bool)
+    valid[0, :, 4:] = False
+    valid[1, 3:] = False
+    got = pamr(image, masks, (1, 2), 3, 0.1, valid)
+    assert torch.allclose(got.double(), oracle.pamr(image, masks, (1, 2), 3, 0.1, valid), atol=1e-5)
+    assert (got[0, :, :, 4:] == 0).all() and torch.allclose(got[0, :, :, :4].sum(0), torch.ones(5, 4), atol=1e-5)
+    junk = masks.clone()
+    junk[0, :, :, 4:] = 100.0  # whatever the masks hold in the padding
+    assert torch.allclose(pamr(image, junk, (1, 2), 3, 0.1, valid), got)
     big = F.interpolate(image, size=(10, 12), mode="nearest")
     resized = F.interpolate(big, size=(5, 6), mode="bilinear", align_corners=False)
     assert torch.allclose(pamr(big, masks, (1, 2), 3), pamr(resized, masks, (1, 2), 3))
 
 
-def test_pseudo_labels_by_hand_and_oracle():
+def test_pixel_best_pseudo_labels_by_hand_and_oracle():
     # pixel 0: clear winner; 1: ambiguous (0.45 vs 0.40); 2: too weak (0.15); 3: class 2 wins.
     m = torch.tensor([[0.8, 0.45, 0.15, 0.1], [0.1, 0.40, 0.10, 0.2], [0.1, 0.15, 0.05, 0.7]])[None, :, None]
-    assert pseudo_labels(m, 0.2, 0.6)[0, 0].tolist() == [0, IGNORE_INDEX, IGNORE_INDEX, 2]
+    assert pseudo_labels_pixel_best(m, 0.2, 0.6)[0, 0].tolist() == [0, IGNORE_INDEX, IGNORE_INDEX, 2]
     g = torch.Generator().manual_seed(2)
     m = torch.rand(2, 4, 3, 5, generator=g)
-    assert torch.equal(pseudo_labels(m, 0.3, 0.7), oracle.pseudo_labels(m, 0.3, 0.7))
+    assert torch.equal(pseudo_labels_pixel_best(m, 0.3, 0.7), oracle.pseudo_labels_pixel_best(m, 0.3, 0.7))
+
+
+def test_class_max_pseudo_labels_by_hand():
+    # Class 0 (max 0.9) claims > 0.54; class 1 (max 0.5, a weak object) claims > 0.3; class 2
+    # (max 0.25) claims > 0.2 (the floor, not 0.15).
+    m = torch.tensor([
+        [0.90, 0.60, 0.50, 0.10, 0.10, 0.30],
+        [0.05, 0.35, 0.50, 0.31, 0.29, 0.30],
+        [0.05, 0.05, 0.00, 0.25, 0.19, 0.21],
+    ])[None, :, None]
+    got = pseudo_labels_class_max(m, cutoff=0.6, floor=0.2)[0, 0].tolist()
+    # 0: class 0; 1: 0 and 1 both claim -> ambiguous; 2: only 1 (0.5 < 0.54); 3: 1 and 2 claim;
+    # 4: no class claims (0.29 < 0.3, 0.19 < 0.2); 5: only 2 (0.30 is not > 0.30).
+    assert got == [0, IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX, 2]
+    # Where ambiguity is allowed the strongest claim wins.
+    assert pseudo_labels_class_max(m, 0.6, 0.2, drop_ambiguous=False)[0, 0].tolist() == [0, 0, 1, 1, IGNORE_INDEX, 2]
+    # The per-pixel rule loses the weak object: its pixels rarely beat the others by enough.
+    assert 1 not in pseudo_labels_pixel_best(m, 0.2, 0.6)[0, 0].tolist()
+    # The background class uses its own cutoff (0.7 of its max: > 0.63 instead of > 0.54).
+    assert pseudo_labels_class_max(m, 0.6, 0.2, background=0)[0, 0].tolist() == [0, 1, 1, IGNORE_INDEX,
+                                                                                   IGNORE_INDEX, 2]
+    # Padding is never labelled and does not count towards a class's maximum.
+    valid = torch.ones(1, 1, 6, dtype=torch.bool)
+    valid[..., 0] = False
+    # Class 0's max is now 0.6, so it claims > 0.36: pixels 1 and 2 too, which become ambiguous.
+    got = pseudo_labels_class_max(m, 0.6, 0.2, valid=valid)[0, 0].tolist()
+    assert got == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 2]
+    g = torch.Generator().manual_seed(5)
+    m = torch.rand(2, 4, 3, 5, generator=g).softmax(1)
+    for bg, drop in ((None, True), (0, True), (2, False)):
+        assert torch.equal(pseudo_labels_class_max(m, 0.6, 0.2, bg, 0.7, drop),
+                           oracle.pseudo_labels_class_max(m, 0.6, 0.2, bg, 0.7, drop))
+
+
+def test_perfect_cams_give_perfect_pseudo_labels_for_every_class():
+    # CAMs that are the one-hot truth (a small object included) must give every class back whole.
+    truth = torch.zeros(1, 16, 16, dtype=torch.long)
+    truth[0, 8:] = 1
+    truth[0, 2:4, 5:7] = 2  # a 2x2 object
+    m = F.one_hot(truth, 3).permute(0, 3, 1, 2).float() * 0.9 + 0.05
+    for background in (None, 0):
+        labels = pseudo_labels_class_max(m, 0.6, 0.2, background)
+        assert torch.equal(labels, truth)
+    tags = torch.ones(1, 3)
+    cfg = make_config(WSSSConfig, iters=1)
+    method = WSSSCam(cfg, DatasetInfo("t", ("a", "b", "c"), ((0, 0, 0),) * 3), 1)
+    image = F.one_hot(truth, 3).permute(0, 3, 1, 2).float()  # the image shows the classes
+    labels = method.pseudo(method.refine(image, m, tags))
+    for k in range(3):
+        assert ((labels == k) & (truth == k)).sum() / ((labels == k) | (truth == k)).sum() > 0.9, k
+
+
+def test_images_without_one_of_their_tags_in_the_pseudo_mask_are_gated():
+    labels = torch.full((3, 2, 2), IGNORE_INDEX)
+    labels[0] = torch.tensor([[1, 1], [2, 255]])  # tags 1, 2: both present
+    labels[1] = torch.tensor([[1, 1], [1, 255]])  # tags 1, 2: 2 missing
+    labels[2] = torch.tensor([[3, 3], [1, 1]])  # tags 3: the extra 1 cannot come from the tags, kept
+    tags = torch.zeros(3, 4)
+    tags[0, [1, 2]] = tags[1, [1, 2]] = tags[2, 3] = 1
+    assert complete_images(labels, tags, None).tolist() == [True, False, True]
+    # With a background class, it must be in the pseudo mask too.
+    assert complete_images(labels, tags, 0).tolist() == [False, False, False]
+    labels[0, 1, 1] = 0
+    assert complete_images(labels, tags, 0).tolist() == [True, False, False]
+
+
+def test_balanced_cross_entropy_equals_the_oracle_and_by_hand():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (3, 5, 6), generator=g)
+    labels[labels == 3] = IGNORE_INDEX
+    labels[2] = IGNORE_INDEX  # a gated image counts as 0 in the mean
+    got = balanced_cross_entropy(logits, labels)
+    ref = oracle.balanced_ce(logits, labels)
+    assert got.item() == pytest.approx(ref.item(), abs=1e-6)  # the loss computes in float32
+    ga, = torch.autograd.grad(got, logits)
+    gb, = torch.autograd.grad(ref, logits)
+    assert torch.allclose(ga, gb, atol=1e-7)
+    # By hand: 3 pixels of class 0 and 1 of class 1 -> weights 1/5 and 3/5, over 4 pixels.
+    logits = torch.zeros(1, 2, 2, 2)
+    labels = torch.tensor([[[0, 0], [0, 1]]])
+    assert balanced_cross_entropy(logits, labels).item() == pytest.approx((3 * 0.2 + 0.6) * np.log(2) / 4)
+    # An image with a single pseudo class weighs nothing; padding does not dilute the mean.
+    assert balanced_cross_entropy(logits, torch.zeros(1, 2, 2, dtype=torch.long)).item() == 0.0
+    valid = torch.tensor([[[False, False], [True, True]]])
+    half = torch.tensor([[[255, 255], [0, 1]]])  # weights 1/3 each, over the 2 image pixels
+    assert balanced_cross_entropy(logits, half, valid).item() == pytest.approx(2 / 3 * np.log(2) / 2)
+    assert balanced_cross_entropy(logits, half).item() == pytest.approx(2 / 3 * np.log(2) / 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,15 +442,15 @@ def test_dscnet_terms_equal_the_oracles(variant, budget):
     loss, terms = method(out, batch, step=5)
     assert torch.isfinite(loss)
     names = VOC_LIKE.class_names
-    assert set(terms) == {"cls", "seg", "pseudo_coverage", "pgcl", "sgcl", "anchors", "anchor_classes"} | {
-        f"anchors/{n}" for n in names}
+    assert set(terms) == {"cls", "seg", "pseudo_coverage", "seg_gated", "pgcl", "sgcl", "anchors",
+                          "anchor_classes"} | {f"anchors/{n}" for n in names} | {f"pseudo_px/{n}" for n in names}
 
     # Recompute every piece with the oracles (same anchors: same RNG state).
     _, _, weak = method.weak_terms(out, batch, 5)
     torch.manual_seed(1)
     anchors, anchor_labels, z, y, conf = method.pixel_stream(out, weak)
     present, classes, images = node_layout(batch["tags"], 0)
-    h = out["node_embed"].double().reshape(-1, cfg.proj_dim)
+    h = node_embeddings(out).double().reshape(-1, cfg.proj_dim)
     layers = out["gcn"]
     nodes = F.normalize(oracle.gcn(h, present, *(p.double() for p in (
         layers[0].weight, layers[0].bias, layers[1].weight, layers[1].bias))), dim=1)

@@ -208,11 +208,16 @@ class Trainer:
             log.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run_eval(self) -> dict:
+        """Evaluate on ``eval_split``, plus the method's own metrics; log the numbers; return all."""
         D.broadcast_buffers(self.model)
         loader = eval_loader(self.val_set, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), self.dist)
-        return evaluate(
+        result = evaluate(
             self.model, loader, self.info, self.device, self.cfg.boundary_px, self.amp_dtype, self.progress
         )
+        result["split"] = self.cfg.eval_split
+        result.update(self.method.eval_metrics(self.model, self.device, self.dist, result, self.progress))
+        self._log({"step": self.step, **_summary(result), **self.method.log_scalars(result)})
+        return result
 
     # ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -260,7 +265,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{value:.3f}")
                 # Evaluate before checkpointing, so that a resumed run has every row up to its step.
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_iters:
-                    self._log({"step": self.step, "split": cfg.eval_split, **_summary(self.run_eval())})
+                    self.run_eval()
                 if self.step % cfg.ckpt_every == 0 and self.step < self.total_iters:
                     self.save_checkpoint()
                 if self.step >= self.total_iters:
@@ -269,9 +274,6 @@ class Trainer:
 
         self.save_checkpoint()
         result = self.run_eval()
-        self._log({"step": self.step, "split": cfg.eval_split, **_summary(result)})
-        result["split"] = cfg.eval_split
-        result.update(self.method.final_metrics(self.model, self.device, self.dist, result, self.progress))
         if self.dist.is_main:
             export_safetensors(self.model, cfg, self.info.class_names, self.run_dir / "model.safetensors", self.step)
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))

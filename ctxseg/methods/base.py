@@ -47,10 +47,14 @@ class Method(nn.Module):
         only on logging steps so that a GPU run does not synchronise every step."""
         raise NotImplementedError
 
-    def final_metrics(self, model, device, dist, seg: dict, progress: bool = True) -> dict:
-        """Metrics beyond the segmentation evaluation ``seg``, merged into the run's final ``eval.json``
-        (weakly supervised methods: CAM and pseudo-label quality on the training images).
-        Called on every rank (it may all-reduce); none by default."""
+    def eval_metrics(self, model, device, dist, seg: dict, progress: bool = True) -> dict:
+        """Metrics beyond the segmentation evaluation ``seg``, merged into it at every evaluation
+        (weakly supervised methods: CAM and pseudo-label quality and classification AP on the
+        training images). Called on every rank (it may all-reduce); none by default."""
+        return {}
+
+    def log_scalars(self, metrics: dict) -> dict[str, float]:
+        """The numbers of ``eval_metrics``'s result that go into an evaluation's metrics.jsonl row."""
         return {}
 
 

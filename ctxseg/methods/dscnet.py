@@ -6,7 +6,9 @@ here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``
 
 - **PGCL, pixel-wise group contrast.** A training-only projection head maps the decoder features
   to L2-normalised pixel embeddings ``z``. A *group* is the reliable pixels of one class (pseudo
-  label not ignored, background included) across all images of the batch; its centre is the
+  label not ignored, background included) across all images of the batch; the pseudo labels are
+  those the segmentation loss learns from (``wsss_cam``'s rules: an image gated out of the
+  segmentation loss gives PGCL nothing either); its centre is the
   confidence-weighted mean of their embeddings (weight: the pixel's refined mask value for its
   class), L2-normalised. Each image gives up to ``pgcl_anchors_per_image`` (512) of its reliable
   pixels, ``pgcl_hard_fraction`` of them hard (predicted as another class than their pseudo
@@ -14,8 +16,8 @@ here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``
   all group centres (``temperature`` 0.1). It learns from pseudo labels, so it
   switches on with the segmentation loss, after the warm-up.
 - **SGCL, semantic-wise graph contrast.** One node per (image, tagged class), plus the background
-  class of a dataset that has one: the CAM-weighted mean of the decoder features (CAM weights
-  detached by default), through a training-only MLP. Edges are the ReLU of the nodes' cosine
+  class of a dataset that has one: the CAM-weighted mean of the decoder features over the image's
+  pixels (crop padding left out; CAM weights detached by default), through a training-only MLP. Edges are the ReLU of the nodes' cosine
   similarities (self-loops included), symmetrically normalised (``A``); a 2-layer GCN,
   ``H1 = relu(A (H W1 + b1))``, ``Z = A (H1 W2 + b2)``, gives the node embeddings, L2-normalised. Supervised contrast over nodes: nodes of the same class in other
   images are positives, nodes of other classes negatives; a node without a positive (its class in
@@ -111,9 +113,10 @@ class DSCNetConfig(WSSSConfig):
 # ------------------------------------------------------------------------------------------------
 # Heads
 class GraphHead(Head):
-    """Node features for every (image, class): CAM-weighted mean of the decoder features through
-    an MLP, ``out["node_embed"]`` (B, C, proj_dim); and the 2-layer GCN, ``out["gcn"]``, that the
-    loss runs once it knows which nodes exist (the image's tags)."""
+    """The graph stream's learnable parts: the node MLP, ``out["node_mlp"]``, and the 2-layer GCN,
+    ``out["gcn"]``, with the CAMs that pool the nodes, ``out["node_cams"]`` (detached by default).
+    The loss pools and runs them (``node_embeddings``, ``gcn``) once it knows which pixels are
+    image and which nodes exist (the image's tags)."""
 
     def __init__(self, channels: int, dim: int, background: int | None, background_logit: float,
                  detach_cams: bool = True):
@@ -126,7 +129,15 @@ class GraphHead(Head):
         masks = cam_masks(out["logits"], self.background, self.background_logit)
         if self.detach_cams:
             masks = masks.detach()
-        return {"node_embed": self.mlp(node_features(out["features"].float(), masks)), "gcn": self.gcn}
+        return {"node_cams": masks, "node_mlp": self.mlp, "gcn": self.gcn}
+
+
+def node_embeddings(out, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, proj_dim) node embeddings before the GCN: the CAM-weighted mean of the decoder
+    features over the image's pixels (``valid`` (B, h, w) on the features' grid; all when None),
+    through the node MLP."""
+    cams = out["node_cams"] if valid is None else out["node_cams"] * valid[:, None]
+    return out["node_mlp"](node_features(out["features"].float(), cams))
 
 
 def node_features(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -269,10 +280,11 @@ class DSCNet(WSSSCam):
                                     cfg.background_logit, cfg.detach_node_cams),
         }
 
-    def graph_stream(self, out, tags):
+    def graph_stream(self, out, tags, valid=None):
         """Node embeddings (N, d) after the GCN, normalised, and the node layout."""
         present, classes, images = node_layout(tags, self.info.background)
-        h = out["node_embed"].float().reshape(-1, out["node_embed"].shape[-1])
+        h = node_embeddings(out, valid).float()
+        h = h.reshape(-1, h.shape[-1])
         with torch.autocast(h.device.type, enabled=False):
             z = F.normalize(gcn(h, present, out["gcn"]), dim=1)
         return z, present, classes, images
@@ -299,7 +311,7 @@ class DSCNet(WSSSCam):
         cfg = self.cfg
         loss, terms, weak = self.weak_terms(out, batch, step)
         c = self.info.num_classes
-        z_nodes, present, classes, images = self.graph_stream(out, batch["tags"])
+        z_nodes, present, classes, images = self.graph_stream(out, batch["tags"], weak["valid"])
         sgcl = node_contrast(z_nodes, classes, images, present, cfg.temperature)
         anchors, anchor_labels, z, y, conf = self.pixel_stream(out, weak)
         if cfg.dual_stream == "B":
