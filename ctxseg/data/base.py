@@ -21,7 +21,37 @@ IGNORE_INDEX = 255
 
 
 class DatasetError(ValueError):
-    """Bad dataset input: a missing root, a wrong layout, an unreadable file or invalid labels."""
+    """Bad dataset input: a missing root, a wrong layout, an unreadable file or invalid labels.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt by torch from one string,
+    ``"Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback ..."``, whose last
+    line holds the message. The constructor recognises that string and keeps only the message,
+    so every entry point shows the one line that names the file; the worker's traceback stays in
+    ``worker_traceback`` (None for an error raised in the main process).
+    """
+
+    def __init__(self, *args):
+        self.worker_traceback = None
+        if len(args) == 1 and isinstance(args[0], str):
+            message, self.worker_traceback = _unwrap_worker_error(args[0], type(self))
+            args = (message,)
+        super().__init__(*args)
+
+
+def _unwrap_worker_error(text: str, cls: type) -> tuple[str, str | None]:
+    """(original message, worker traceback) of torch's re-raise text for ``cls``; (text, None) if
+    ``text`` is not one."""
+    head, _, rest = text.partition("\n")
+    if not (head.startswith(f"Caught {cls.__name__} in ") and rest.startswith("Original Traceback")):
+        return text, None
+    worker_traceback = rest[len("Original "):]
+    names = {cls.__qualname__, f"{cls.__module__}.{cls.__qualname__}"}
+    lines = worker_traceback.rstrip("\n").splitlines()
+    for k in range(len(lines) - 1, -1, -1):  # the exception line, followed by the rest of a long message
+        name, colon, first = lines[k].partition(": ")
+        if name in names:
+            return "\n".join([first, *lines[k + 1 :]]), worker_traceback
+    return text, None
 
 
 @dataclass(frozen=True)
@@ -141,7 +171,8 @@ class SegmentationDataset(Dataset):
     often and how the weakly supervised methods draw their crops so that it does not).
 
     ``load`` may return ``None`` for the mask of an image that has none (a tags-only dataset):
-    the item's mask is then all 255 and the dataset must override ``image_level_tags``.
+    the item's mask is then all 255 and the dataset must override ``image_level_tags`` and
+    ``images_without_masks`` (``has_masks``, ``check_masks``: what needs label maps asks them).
     """
 
     info: DatasetInfo
@@ -160,6 +191,23 @@ class SegmentationDataset(Dataset):
 
     def describe(self, i: int) -> str:
         return f"{type(self).__name__}[{i}]"
+
+    def images_without_masks(self) -> list[str]:
+        """Descriptions of the samples that have no label map (a dataset whose ``load`` may return
+        no mask overrides this; it must not decode any file)."""
+        return []
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether every sample has a label map (what fully supervised training and evaluation need)."""
+        return not self.images_without_masks()
+
+    def check_masks(self, purpose: str) -> None:
+        """Raise a DatasetError, saying ``purpose`` needs them, unless every sample has a label map."""
+        missing = self.images_without_masks()
+        if missing:
+            raise DatasetError(f"{purpose} needs a label map for every image, but {len(missing)} of {len(self)} "
+                               f"have none, e.g. {missing[0]}")
 
     def __len__(self) -> int:
         raise NotImplementedError
