@@ -34,8 +34,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """The run settings ``train`` and ``study`` share (``study`` applies them to every run)."""
     from ctxseg.data import DATASETS
 
-    p.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: synthetic)")
-    p.add_argument("--data-root", help="dataset folder (default: data/<name>)")
+    p.add_argument("--data", choices=sorted(DATASETS),
+                   help="dataset (default: synthetic); folder: your own data in --data-root (see README)")
+    p.add_argument("--data-root", help="dataset folder (default: data/<name>; folder: required)")
     p.add_argument("--encoder", help="timm encoder name (default: tf_efficientnet_lite0, ImageNet weights included)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int)
@@ -134,6 +135,7 @@ def cmd_train(args) -> int:
             print(f"{k}: {json.dumps(v)}")
         return 0
     cfg.validate()
+    check_run_data(cfg)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     result = trainer.fit()
     cleanup()
@@ -142,21 +144,44 @@ def cmd_train(args) -> int:
     return 0
 
 
-def split_dataset(cfg, split: str, data: str | None = None, root: str | None = None):
+def split_dataset(cfg, split: str, data: str | None = None, root: str | None = None, require_masks: bool = True):
     """``eval_dataset`` with a one-line error naming the split and the folder when the dataset
-    lacks ``split`` (an unknown split name, or its folder or list file missing)."""
+    lacks ``split`` (an unknown split name, or its folder or list file missing) or, unless
+    ``require_masks`` is False, a label map for one of its images."""
     from ctxseg.data import DEFAULT_ROOTS
     from ctxseg.engine.evaluate import eval_dataset
 
     data = data or cfg.data
     try:
-        return eval_dataset(cfg, split, data, root)
+        ds = eval_dataset(cfg, split, data, root)
+        if require_masks:
+            ds.check_masks("evaluation")
+        return ds
     except ValueError as e:
         folder = root or (cfg.data_root if data == cfg.data else None) or DEFAULT_ROOTS.get(data)
-        where = f"in {folder}" if folder else "(generated, no folder)"
+        where = f"in {folder}" if folder else "(generated, no folder)" if data == "synthetic" else "(no --data-root)"
         first, *rest = str(e).splitlines()
         hint = " (expected layouts: data/README.md)" if rest else ""
         raise type(e)(f"cannot evaluate on split {split!r} of {data} {where}: {first}{hint}") from None
+
+
+def needs_masks(cfg) -> bool:
+    """Whether ``cfg``'s method learns from label maps: all but the weakly supervised ones
+    (``wsss_cam``, ``dscnet``), which learn from image-level tags."""
+    from ctxseg.methods.wsss import WSSSConfig
+
+    return not isinstance(cfg, WSSSConfig)
+
+
+def check_run_data(cfg) -> None:
+    """Before training: ``eval_split`` exists and has label maps, and so does the training split
+    when the method is fully supervised (one-line errors naming the split and an image)."""
+    from ctxseg.data import build_dataset
+
+    split_dataset(cfg, cfg.eval_split)
+    if needs_masks(cfg):
+        build_dataset(cfg.data, "train", cfg.data_root).check_masks(
+            f"training {cfg.method!r} (fully supervised; wsss_cam and dscnet train from image-level tags)")
 
 
 def evaluate_trained(checkpoint, split: str = "val", data: str | None = None, data_root: str | None = None,
@@ -184,10 +209,14 @@ def evaluate_trained(checkpoint, split: str = "val", data: str | None = None, da
         {"data": data, "split": split, "checkpoint": meta["path"], "method": cfg.method, "step": meta["step"]}
     )
     if isinstance(cfg, WSSSConfig):
-        weak_ds = split_dataset(cfg, weak_split, data, data_root)
-        result.update(evaluate_weak(model, eval_loader(weak_ds, bs, num_workers), cfg, ds.info, device,
-                                    weak_split, progress=progress))
-        result["wsss"] = weak_summary(result)
+        weak_ds = split_dataset(cfg, weak_split, data, data_root, require_masks=False)
+        if weak_ds.has_masks:
+            result.update(evaluate_weak(model, eval_loader(weak_ds, bs, num_workers), cfg, ds.info, device,
+                                        weak_split, progress=progress))
+            result["wsss"] = weak_summary(result)
+        else:  # tags-only training images: CAM and pseudo-label quality cannot be measured on them
+            print(f"note: split {weak_split!r} has images without label maps: no CAM or pseudo-label metrics "
+                  "(--weak-split NAME picks a split with label maps)", file=sys.stderr)
     return result
 
 
@@ -353,10 +382,10 @@ def cmd_study(args) -> int:
         args, s.name, s.settings, f"method spec {s.spec!r}"), args.eval_split)
     split = runs[0].cfg.eval_split
     checked = set()
-    for run in runs:  # the split exists (one clear line if not), before anything is trained
-        key = (run.cfg.data, run.cfg.data_root, tuple(run.cfg.synthetic_size))
+    for run in runs:  # the data each run needs exists (one clear line if not), before anything is trained
+        key = (run.cfg.data, run.cfg.data_root, tuple(run.cfg.synthetic_size), needs_masks(run.cfg))
         if key not in checked:
-            split_dataset(run.cfg, split)
+            check_run_data(run.cfg)
             checked.add(key)
 
     def train(cfg):

@@ -1,4 +1,5 @@
-"""Datasets: the synthetic default, CamVid, Cityscapes, ADE20K, PASCAL VOC; joint transforms; downloads.
+"""Datasets: the synthetic default, CamVid, Cityscapes, ADE20K, PASCAL VOC, a folder of one's own
+data; joint transforms; downloads.
 
 ``build_dataset(name, split, root, transform)`` is the one factory the trainer, the CLI and the
 notebooks use; adding a dataset is one class and one line in ``DATASETS``.
@@ -16,6 +17,7 @@ from ctxseg.data.base import (
 )
 from ctxseg.data.camvid import CamVid
 from ctxseg.data.cityscapes import Cityscapes
+from ctxseg.data.folder import FolderDataset
 from ctxseg.data.synthetic import SyntheticScenes
 from ctxseg.data.transforms import denormalize, eval_transform, train_transform
 from ctxseg.data.voc import VOC
@@ -26,9 +28,11 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
     "cityscapes": Cityscapes,
     "ade20k": ADE20K,
     "voc": VOC,
+    "folder": FolderDataset,
 }
 
-# Where each dataset lives when --data-root is not given (relative to the working directory).
+# Where each dataset lives when --data-root is not given (relative to the working directory); the
+# folder dataset has no default: it is wherever the user's data is.
 DEFAULT_ROOTS = {
     "camvid": "data/camvid",
     "cityscapes": "data/cityscapes",
@@ -44,7 +48,10 @@ def build_dataset(name: str, split: str, root: str | None = None, transform=None
     cls = DATASETS[name]
     if name == "synthetic":
         return cls(split=split, transform=transform, **kwargs)
-    return cls(root=root or DEFAULT_ROOTS[name], split=split, transform=transform, **kwargs)
+    root = root or DEFAULT_ROOTS.get(name)
+    if root is None:
+        raise DatasetError(f"the {name} dataset has no default folder: give it with --data-root DIR (data_root)")
+    return cls(root=root, split=split, transform=transform, **kwargs)
 
 
 __all__ = [
@@ -54,6 +61,7 @@ __all__ = [
     "DATASETS",
     "DatasetError",
     "DatasetInfo",
+    "FolderDataset",
     "IGNORE_INDEX",
     "SegmentationDataset",
     "SyntheticScenes",
