@@ -168,9 +168,9 @@ def split_dataset(cfg, split: str, data: str | None = None, root: str | None = N
 def needs_masks(cfg) -> bool:
     """Whether ``cfg``'s method learns from label maps: all but the weakly supervised ones
     (``wsss_cam``, ``dscnet``), which learn from image-level tags."""
-    from ctxseg.methods.wsss import WSSSConfig
+    from ctxseg.methods import get_method
 
-    return not isinstance(cfg, WSSSConfig)
+    return get_method(cfg.method).needs_masks
 
 
 def check_run_data(cfg) -> None:

@@ -91,7 +91,11 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
         torch.manual_seed(cfg.seed)  # model init and the method's sampling draw from here
 
+        method_cls = get_method(cfg.method)
         self.train_set, self.val_set = build_datasets(cfg)
+        if method_cls.needs_masks:
+            self.train_set.check_masks(f"training {cfg.method!r} (fully supervised)")
+        self.val_set.check_masks(f"evaluation on {cfg.eval_split!r}")
         self.info = self.train_set.info
         if cfg.batch_sampler == "class_aware":
             self.sampler = ClassAwareBatchSampler(
@@ -101,7 +105,6 @@ class Trainer:
         else:
             self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.dist)
         self.total_iters = cfg.iters or cfg.epochs * self.sampler.batches_per_epoch
-        method_cls = get_method(cfg.method)
         if not isinstance(cfg, method_cls.config_class):
             raise ValueError(
                 f"method {cfg.method!r} needs a {method_cls.config_class.__name__}, got a {type(cfg).__name__}; "

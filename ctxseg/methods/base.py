@@ -29,6 +29,8 @@ class Method(nn.Module):
     """
 
     config_class: type[TrainConfig] = TrainConfig
+    # Whether training reads label maps (False: the weakly supervised methods learn from tags).
+    needs_masks: bool = True
 
     def __init__(self, cfg: TrainConfig, info: DatasetInfo, total_iters: int = 0):
         super().__init__()

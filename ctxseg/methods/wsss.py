@@ -346,6 +346,7 @@ class WSSSCam(Method):
     """Single-stage WSSS baseline: classification from tags, then self-training on pseudo labels."""
 
     config_class = WSSSConfig
+    needs_masks = False
 
     def __init__(self, cfg: WSSSConfig, info: DatasetInfo, total_iters: int = 0):
         super().__init__(cfg, info, total_iters)
@@ -407,6 +408,8 @@ class WSSSCam(Method):
         from ctxseg.engine.loader import eval_loader
 
         data = eval_dataset(self.cfg, "train")
+        if not data.has_masks:  # tags-only data: no CAM or pseudo-label quality to measure
+            return {}
         loader = eval_loader(data, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), dist)
         result = evaluate_weak(model, loader, self.cfg, self.info, device, "train", progress)
         result["wsss"] = weak_summary({**seg, **result})
