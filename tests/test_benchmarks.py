@@ -52,3 +52,11 @@ def test_umap_benchmark_times_each_path_against_the_fast_one():
     rows = [line for line in out.splitlines() if line.startswith(("fast ", "reproducible ")) and line.endswith("x")]
     assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x"), out
     assert "the 30 s goal at 300 points" in out, out
+
+
+def test_weak_crops_reports_lost_tags_and_the_weak_default_loses_none():
+    out = run_bench("weak_crops.py", "--samples", "20")
+    lines = out.splitlines()
+    assert lines[0].startswith("supervised (CE)") and lines[1].startswith("weakly supervised"), out
+    assert ": 0.0% of tags name a class the crop lost" in lines[1], out
+    assert sum(line.startswith(("sky", "bird", "person")) for line in lines) == 3, out
