@@ -27,9 +27,10 @@ import yaml
 
 # The metrics of the tables (fractions in [0, 1]); the weakly supervised ones when eval.json has them.
 METRICS = ("miou", "boundary_iou", "pixel_acc")
-WSSS_METRICS = ("cam_miou", "pseudo_miou")
+WSSS_METRICS = ("cam_miou", "pseudo_miou", "cls_map")
 LABELS = {"miou": "mIoU", "boundary_iou": "boundary IoU", "pixel_acc": "pixel acc",
-          "cam_miou": "CAM mIoU", "pseudo_miou": "pseudo mIoU"}
+          "cam_miou": "CAM mIoU", "pseudo_miou": "pseudo mIoU",
+          "cls_map": "class AP"}
 # Settings the study sets per run: a method spec or --set may not carry them.
 RESERVED = ("method", "seed", "out")
 # Config keys that may differ between a run folder and the study asking for it: where it lives,

@@ -141,14 +141,14 @@ def test_weakly_supervised_runs_add_cam_and_pseudo_columns_and_other_splits_are_
     out = tmp_path / "study"
     for seed in (0, 1):
         write_eval(out, "wsss_cam", seed, 0.4, 0.2, 0.7, {"sky": 0.9},
-                   wsss={"cam_miou": 0.3 + seed / 10, "pseudo_miou": 0.35, "seg_miou": 0.4})
+                   wsss={"cam_miou": 0.3 + seed / 10, "pseudo_miou": 0.35, "cls_map": 0.9, "seg_miou": 0.4})
     # Seed 1 was evaluated on val; its test evaluation is in eval-test.json.
     (out / "wsss_cam" / "s1" / "eval-test.json").write_text(json.dumps(
         {"miou": 0.1, "boundary_iou": 0.1, "pixel_acc": 0.1, "per_class_iou": {}, "split": "test"}))
     summary, md = summary_of(out, ["wsss_cam"], [0, 1])
-    assert summary["metrics"] == ["miou", "boundary_iou", "pixel_acc", "cam_miou", "pseudo_miou"]
+    assert summary["metrics"] == ["miou", "boundary_iou", "pixel_acc", "cam_miou", "pseudo_miou", "cls_map"]
     assert summary["methods"]["wsss_cam"]["mean"]["cam_miou"] == pytest.approx(0.35)
-    assert "| method | seeds | mIoU | boundary IoU | pixel acc | CAM mIoU | pseudo mIoU |" in md
+    assert "| method | seeds | mIoU | boundary IoU | pixel acc | CAM mIoU | pseudo mIoU | class AP |" in md
     assert "nothing to compare" in md
     test_summary, _ = summary_of(out, ["wsss_cam"], [0, 1], split="test")
     assert test_summary["methods"]["wsss_cam"]["seeds"] == [1]
