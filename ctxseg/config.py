@@ -59,7 +59,17 @@ class TrainConfig:
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); CPU runs
             always in float32.
         deterministic: ask cuDNN / CUDA for deterministic kernels (CPU runs are deterministic).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes per process; None (auto, the default): the CPU
+            cores this process may use (its affinity mask) divided by the processes torchrun starts
+            on this machine, less one for the process itself, at least 1 and at most 8
+            (``default_num_workers``); 0 loads in the main process. The data does not depend on it.
+        sync_bn: normalise with the statistics of the global batch under torchrun (SyncBatchNorm:
+            each BN layer exchanges its batch statistics with the other processes in every training
+            step, forward and backward); None (auto, the default): on for several processes on
+            CUDA; true / false force it. Never on CPU, where PyTorch's SyncBatchNorm refuses the
+            tensors: an explicit true prints a note there.
+        tensorboard: also write every numeric value of metrics.jsonl to ``<run>/tensorboard/``
+            (``train/<key>`` and ``<eval_split>/<key>`` tags; needs ``pip install 'ctxseg[tensorboard]'``).
         log_every: append a training row to metrics.jsonl every N steps.
         eval_every: evaluate on ``eval_split`` every N steps (0: only at the end).
         eval_split: split used for evaluation during and after training.
@@ -73,6 +83,10 @@ class TrainConfig:
 
     # A method's own per-dataset defaults, applied over ``DATASET_DEFAULTS`` (not a setting).
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Settings that change how a run executes, never what it computes (the data order and every
+    # augmentation do not depend on the worker count): a run folder made with other values of
+    # these is still the same run.
+    runtime_keys: ClassVar[tuple[str, ...]] = ("num_workers", "tensorboard")
 
     method: str = "ce"
     data: str = "synthetic"
@@ -102,7 +116,9 @@ class TrainConfig:
     warmup_iters: int = 0
     amp: bool = True
     deterministic: bool = False
-    num_workers: int = 2
+    num_workers: int | None = None
+    sync_bn: bool | None = None
+    tensorboard: bool = False
     log_every: int = 10
     eval_every: int = 0
     eval_split: str = "val"
@@ -142,6 +158,8 @@ class TrainConfig:
             raise ValueError("ckpt_every and keep_ckpts must be positive")
         if self.encoder_lr_mult < 0:
             raise ValueError(f"encoder_lr_mult must be >= 0, got {self.encoder_lr_mult}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (or null for the automatic count), got {self.num_workers}")
         if isinstance(self.pretrained, str) and not self.pretrained.strip():
             raise ValueError("pretrained must be true, false or a path to a weights file, got an empty string")
         return self
@@ -149,10 +167,19 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the automatic values made explicit: ``pretrained`` None -> whether the
         encoder's ImageNet weights ship with ctxseg; ``norm_mean`` / ``norm_std`` None -> the weights'
-        normalisation. Training stores this, so a run never depends on these rules again."""
+        normalisation; ``num_workers`` None -> ``default_num_workers()`` for this machine and the
+        processes torchrun starts on it; ``sync_bn`` -> whether it applies (``resolve_sync_bn``: the
+        device ``device`` names and torchrun's WORLD_SIZE). Training stores this, so a run never
+        depends on these rules again."""
+        from ctxseg.engine.distributed import default_num_workers, device_type, resolve_sync_bn, world_size_from_env
         from ctxseg.models.pretrained import PACKAGED, input_normalization
 
         cfg = self
+        if cfg.num_workers is None:
+            cfg = dataclasses.replace(cfg, num_workers=default_num_workers())
+        sync_bn = resolve_sync_bn(cfg.sync_bn, world_size_from_env(), device_type(cfg.device))
+        if cfg.sync_bn is not sync_bn:
+            cfg = dataclasses.replace(cfg, sync_bn=sync_bn)
         if cfg.pretrained is None:
             cfg = dataclasses.replace(cfg, pretrained=cfg.encoder in PACKAGED)
         if cfg.norm_mean is None or cfg.norm_std is None:

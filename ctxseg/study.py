@@ -34,8 +34,9 @@ LABELS = {"miou": "mIoU", "boundary_iou": "boundary IoU", "pixel_acc": "pixel ac
 # Settings the study sets per run: a method spec or --set may not carry them.
 RESERVED = ("method", "seed", "out")
 # Config keys that may differ between a run folder and the study asking for it: where it lives,
-# and the split it is evaluated on (a finished run is evaluated on another split, not retrained).
-IGNORED_KEYS = ("out", "eval_split")
+# the split it is evaluated on (a finished run is evaluated on another split, not retrained), and
+# how it runs, never what it computes (TrainConfig.runtime_keys: worker count, TensorBoard).
+IGNORED_KEYS = ("out", "eval_split", "num_workers", "tensorboard")
 LEVEL = 0.95
 CI_METHOD = (
     "paired t over seeds: for each seed both runs finished, d = metric(method) - metric(baseline); "

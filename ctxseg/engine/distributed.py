@@ -38,11 +38,81 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def device_type(name: str) -> str:
+    """``cuda`` or ``cpu`` (or another torch device type): what ``resolve_device(name)`` would
+    give, without touching the device."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size_from_env() -> int:
+    """The number of processes torchrun started on this machine (1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
+def default_num_workers(cpus: int | None = None, local_world_size: int | None = None) -> int:
+    """DataLoader workers per process when ``num_workers`` is not set: the cores each process of
+    this machine gets, less one for the process itself, at least 1 and at most 8 (more workers
+    than that rarely pay for their memory)."""
+    cpus = available_cpus() if cpus is None else cpus
+    local_world_size = local_world_size_from_env() if local_world_size is None else local_world_size
+    return min(8, max(1, cpus // max(1, local_world_size) - 1))
+
+
+def resolve_sync_bn(asked: bool | None, world_size: int, device_type: str) -> bool:
+    """Whether BatchNorm layers are synchronised across processes: ``None`` (auto) -> on for
+    several processes on CUDA; ``True`` -> on wherever CUDA is used; ``False`` -> off. Never on CPU:
+    PyTorch's SyncBatchNorm refuses CPU tensors when there are several processes."""
+    if device_type != "cuda":
+        return False
+    return world_size > 1 if asked is None else bool(asked)
+
+
+SYNC_BN_CPU_NOTE = (
+    "note: sync_bn=true does not apply on CPU (PyTorch's SyncBatchNorm needs CUDA tensors); "
+    "each process normalises with its own batch statistics"
+)
+
+
+def maybe_sync_bn(model: torch.nn.Module, cfg, dist: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``model`` with its BatchNorm layers converted to SyncBatchNorm when ``cfg.sync_bn``
+    resolves to on for ``dist.world_size`` processes on ``device`` (``resolve_sync_bn``), else
+    ``model`` unchanged. Call it before wrapping the model in DDP.
+
+    timm's converter is used, not ``nn.SyncBatchNorm.convert_sync_batchnorm``: timm's encoders
+    fuse BatchNorm and activation in ``BatchNormAct2d``, and PyTorch's converter would replace
+    those by a plain SyncBatchNorm and silently drop the activation. Parameters and running
+    statistics are kept (the same tensors), and the state-dict keys do not change, so checkpoints
+    load either way."""
+    if not resolve_sync_bn(cfg.sync_bn, dist.world_size, device.type):
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1), or run single-process.
 
     NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():

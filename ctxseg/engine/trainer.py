@@ -12,12 +12,15 @@ Run folder layout::
       ckpt/step_*.pt     resumable checkpoints (newest ``keep_ckpts``), written atomically
       model.safetensors  final deployable weights (training-only heads dropped) + config
       eval.json          final evaluation on ``eval_split``
+      tensorboard/       with ``tensorboard=true``: the numbers of metrics.jsonl as TensorBoard scalars
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -77,11 +80,17 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
-        # Automatic settings (weights, input normalisation) are resolved once and stored with the run.
+        # Automatic settings (weights, input normalisation, workers, sync BN) are resolved once and
+        # stored with the run.
+        asked_sync_bn = cfg.sync_bn
         self.cfg = cfg = cfg.validate().resolved()
+        self._tb_writer_class = _summary_writer_class() if cfg.tensorboard else None  # fails here, not mid-run
+        self._tb = None
         self.device = D.resolve_device(cfg.device, D.local_rank_from_env())
         self.dist = D.init_distributed(self.device)
         self.progress = progress and self.dist.is_main
+        if asked_sync_bn is True and not cfg.sync_bn and self.dist.is_main:
+            print(D.SYNC_BN_CPU_NOTE, file=sys.stderr, flush=True)
         self.run_dir = default_run_dir(cfg)
         self.ckpt_dir = self.run_dir / "ckpt"
         self.resume_from = self._resolve_resume(resume)
@@ -112,6 +121,7 @@ class Trainer:
             )
         self.method = method_cls(cfg, self.info, self.total_iters).to(self.device)
         self.model = build_model(cfg, self.info.num_classes, heads=self.method.heads).to(self.device)
+        self.model = D.maybe_sync_bn(self.model, cfg, self.dist, self.device)  # before DDP wraps it
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled
@@ -191,10 +201,23 @@ class Trainer:
             save_step_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.keep_ckpts)
         D.barrier()
 
-    def _log(self, row: dict) -> None:
-        if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+    def _log(self, row: dict, kind: str = "train") -> None:
+        """Append ``row`` to metrics.jsonl (main process only) and, with ``tensorboard=true``, write
+        each of its numbers as the scalar ``<kind>/<key>`` at global step ``row["step"]``."""
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, global_step=row["step"])
+            self._tb.flush()  # a killed run keeps what metrics.jsonl keeps
+
+    def _eval_tag(self) -> str:
+        """TensorBoard's prefix for evaluation rows: the split's name (``val``), kept apart from
+        the training rows' ``train`` when the evaluation split is ``train`` itself."""
+        return "eval-train" if self.cfg.eval_split == "train" else self.cfg.eval_split
 
     def _start_run_folder(self) -> None:
         if not self.dist.is_main:
@@ -209,6 +232,30 @@ class Trainer:
             # have cut the last row short: keep the complete rows up to the checkpoint's step.
             rows = [r for r in map(_parse_row, log.read_text().splitlines()) if r and r["step"] <= self.step]
             log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self._tb_writer_class is not None:
+            tb_dir = self.run_dir / "tensorboard"
+            if self.resume_from is None:
+                shutil.rmtree(tb_dir, ignore_errors=True)  # a killed start's events, as metrics.jsonl's rows
+            # On resume, TensorBoard hides the events of the earlier run from the checkpoint's step on.
+            purge = self.step + 1 if self.resume_from is not None else None
+            self._tb = self._tb_writer_class(log_dir=str(tb_dir), purge_step=purge)
+
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One optimisation step on ``batch`` (moved to the device here): the forward pass under
+        autocast, the method's loss, backward, the optimizer and LR-schedule steps; advances
+        ``self.step``. Returns the loss and the method's terms, as tensors (no device sync)."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with self._autocast():
+            out = self.ddp_model(batch["image"])
+        # Losses compute in float32 themselves; autocast covers the network only.
+        loss, terms = self.method(out, batch, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss, terms
 
     def run_eval(self) -> dict:
         """Evaluate on ``eval_split``, plus the method's own metrics; log the numbers; return all."""
@@ -219,16 +266,24 @@ class Trainer:
         )
         result["split"] = self.cfg.eval_split
         result.update(self.method.eval_metrics(self.model, self.device, self.dist, result, self.progress))
-        self._log({"step": self.step, **_summary(result), **self.method.log_scalars(result)})
+        self._log({"step": self.step, **_summary(result), **self.method.log_scalars(result)}, self._eval_tag())
         return result
 
     # ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to ``total_iters`` (resuming if asked), evaluate, export; return the final metrics."""
-        cfg = self.cfg
         if self.resume_from is not None:
             self.load_state_dict(load_checkpoint(self.resume_from))
         self._start_run_folder()
+        try:
+            return self._fit()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
         D.barrier()
 
         per_epoch = self.sampler.batches_per_epoch
@@ -240,17 +295,7 @@ class Trainer:
             epoch, offset = divmod(self.step, per_epoch)
             self.sampler.set_epoch(epoch, offset)
             for batch in loader:
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with self._autocast():
-                    out = self.ddp_model(batch["image"])
-                # Losses compute in float32 themselves; autocast covers the network only.
-                loss, terms = self.method(out, batch, self.step)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.step += 1
+                loss, terms = self.train_step(batch)
                 bar.update(1)
 
                 if self.step % cfg.log_every == 0 or self.step == self.total_iters:
@@ -288,21 +333,21 @@ def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True)
     """The notebooks' way to get a run: reuse it if it has finished (its ``eval.json``), resume it
     if it was interrupted after a checkpoint, else train it. ``fresh`` deletes the run folder
     first. Warns when a saved run was started with other settings. Returns the final metrics."""
-    import shutil
-
-    cfg = cfg.validate().resolved()
+    asked = cfg.validate()
+    cfg = asked.resolved()
     run_dir = default_run_dir(cfg)
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     if (run_dir / "config.yaml").is_file():
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v and k != "out")
+        ignored = ("out", *cfg.runtime_keys)
+        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v and k not in ignored)
         if changed:
             print(f"note: {run_dir} was started with other values for {changed}; delete it to retrain")
     if (run_dir / "eval.json").is_file():
         print(f"{run_dir} has finished: reusing it")
         return json.loads((run_dir / "eval.json").read_text())
-    return Trainer(cfg, resume="auto", progress=progress).fit()
+    return Trainer(asked, resume="auto", progress=progress).fit()  # the Trainer resolves (and notes) itself
 
 
 def _parse_row(line: str) -> dict | None:
@@ -316,3 +361,14 @@ def _summary(metrics: dict) -> dict:
     """The scalars of an evaluation, for a metrics.jsonl row (per-class dicts and the confusion
     matrix stay in eval.json)."""
     return {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+
+
+def _summary_writer_class():
+    """torch's TensorBoard SummaryWriter, or a one-line error saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(
+            f"tensorboard=true needs the tensorboard package ({e}): pip install 'ctxseg[tensorboard]'"
+        ) from None
+    return SummaryWriter
