@@ -87,9 +87,10 @@ def test_contextrast_trains_under_torchrun_with_every_head_in_the_graph(tmp_path
 def test_dscnet_trains_under_torchrun_with_the_graph_in_the_loss(tmp_path):
     # The GCN's weights are used in the loss, outside the DDP forward; they and both heads must
     # get their gradients reduced (identical weights on both ranks), variant B coupling both
-    # streams. seg_warmup 0 so that PGCL is on from the first step.
+    # streams. seg_warmup 0 so that PGCL is on from the first step, and no gating: an untrained
+    # model's pseudo labels miss tags, which would gate every image out and leave PGCL nothing.
     out = tmp_path / "dsc"
-    settings = dict(method="dscnet", dual_stream="B", seg_warmup=0.0, encoder="test_resnet", crop=[64, 64],
+    settings = dict(method="dscnet", dual_stream="B", seg_warmup=0.0, seg_gate=False, encoder="test_resnet", crop=[64, 64],
                     batch_size=4, synthetic_size=[64, 64], synthetic_train_len=32, eval_batch_size=50,
                     num_workers=0, device="cpu", iters=4, out=str(out))
     r0, r1 = train_two_ranks(settings)
