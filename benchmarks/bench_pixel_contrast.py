@@ -5,9 +5,16 @@ for the loss), and the public reference's split ("loop-sampling": the same sampl
 matrix loss).
 
     python benchmarks/bench_pixel_contrast.py [--batch-size 8] [--dim 256] [--size 128 128] [--classes 19]
+        [--variants vectorised loop-sampling loop] [--baseline REV] [--threads 2]
 
 Each variant runs in its own process so that its peak memory (resident set, above the inputs)
 can be read; times are medians. Prints the ratio. Never assert on these numbers in tests.
+
+Then the breakdown of ctxseg's version (and, with ``--baseline REV``, of the module as it was at git
+revision REV, interleaved with it in one process): sampling, gather of the anchors from the
+(B, D, h*w) embedding map (forward + backward) and the loss on the gathered anchors (forward +
+backward), each timed on its own, and the whole timed end to end; and, for scale, allocating one
+zeroed gradient of the embedding map's size, which any backward into the map pays.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MODULE = "ctxseg/methods/pixel_contrast.py"
 
 
 def make_inputs(B, D, H, W, C, seed=0):
@@ -39,23 +49,41 @@ def make_inputs(B, D, H, W, C, seed=0):
     return emb, labels, preds
 
 
-def vectorised(emb, labels, preds, C):
-    from ctxseg.methods.pixel_contrast import contrast_loss, sample_anchors
-
-    P = labels.shape[1]
-    a = sample_anchors(labels, preds, C, 1024, 100)
-    feats = emb[a.index // P, :, a.index % P]
-    return contrast_loss(feats, a.label), len(a)
+def _index_gather(emb, index):
+    """The gather before ``gather_anchors`` existed: advanced indexing, autograd's backward."""
+    P = emb.shape[2]
+    return emb[index // P, :, index % P]
 
 
-def loop(emb, labels, preds, C):
+def parts(module):
+    """(sample, gather, loss) of a pixel_contrast module, current or from an earlier revision."""
+    return module.sample_anchors, getattr(module, "gather_anchors", _index_gather), module.contrast_loss
+
+
+def module_at(rev):
+    if rev is None:
+        import ctxseg.methods.pixel_contrast as module
+
+        return module
+    from baseline import load_module_at
+
+    return load_module_at(rev, MODULE)
+
+
+def vectorised(emb, labels, preds, C, rev=None):
+    sample, gather, loss = parts(module_at(rev))
+    a = sample(labels, preds, C, 1024, 100)
+    return loss(gather(emb, a.index), a.label), len(a)
+
+
+def loop(emb, labels, preds, C, rev=None):
     import pixel_contrast_oracle as oracle
 
     feats, y = oracle.sample_anchors(emb, labels, preds, C, 1024, 100)
     return oracle.contrast_loss(feats, y), len(y)
 
 
-def loop_sampling(emb, labels, preds, C):
+def loop_sampling(emb, labels, preds, C, rev=None):
     """The public reference's split: loops for sampling, one matrix formulation for the loss."""
     import pixel_contrast_oracle as oracle
 
@@ -71,20 +99,72 @@ VARIANTS = {"vectorised": vectorised, "loop-sampling": loop_sampling, "loop": lo
 def worker(name, args, queue):
     torch.set_num_threads(args.threads)
     emb0, labels, preds = make_inputs(args.batch_size, args.dim, *args.size, args.classes)
-    fn = VARIANTS[name]
-    warmup, repeats = (args.warmup, args.repeats) if name == "vectorised" else (0, 1)  # the loop takes a minute
+    base_name, _, rev = name.partition("@")
+    fn = VARIANTS[base_name]
+    fast = base_name == "vectorised"
+    warmup, repeats = (args.warmup, args.repeats) if fast else (0, 1)  # the loop takes a minute
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for i in range(warmup + repeats):
         emb = emb0.clone().requires_grad_()
         torch.manual_seed(i)
         t = time.perf_counter()
-        loss, m = fn(emb, labels, preds, args.classes)
+        loss, m = fn(emb, labels, preds, args.classes, rev or None)
         loss.backward()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # ru_maxrss is KiB on Linux
     queue.put((statistics.median(times) * 1e3, peak_mb, m, loss.item()))
+
+
+def breakdown(args, queue):
+    """Median ms of each stage, forward + backward, of each implementation, taking turns."""
+    torch.set_num_threads(args.threads)
+    emb0, labels, preds = make_inputs(args.batch_size, args.dim, *args.size, args.classes)
+    impls = {"ctxseg": parts(module_at(None))}
+    if args.baseline:
+        from baseline import short
+
+        impls[f"ctxseg@{short(args.baseline)}"] = parts(module_at(args.baseline))
+    stages = ("sampling", "gather", "loss", "whole")
+    times = {name: {s: [] for s in stages} for name in impls}
+    zeroed = []
+    now = time.perf_counter
+    for i in range(args.warmup + args.repeats):
+        keep = i >= args.warmup
+        for name, (sample, gather, loss_fn) in impls.items():
+            torch.manual_seed(i)
+            t0 = now()
+            a = sample(labels, preds, args.classes, 1024, 100)
+            t1 = now()
+            emb = emb0.clone().requires_grad_()
+            t2 = now()
+            feats = gather(emb, a.index)
+            t3 = now()
+            anchors = feats.detach().requires_grad_()
+            t4 = now()
+            loss_fn(anchors, a.label).backward()
+            t5 = now()
+            feats.backward(anchors.grad)
+            t6 = now()
+            del emb, feats, anchors
+            emb = emb0.clone().requires_grad_()
+            torch.manual_seed(i)
+            t7 = now()
+            a = sample(labels, preds, args.classes, 1024, 100)
+            loss_fn(gather(emb, a.index), a.label).backward()
+            t8 = now()
+            del emb
+            if keep:
+                for stage, dt in zip(stages, (t1 - t0, (t3 - t2) + (t6 - t5), t5 - t4, t8 - t7)):
+                    times[name][stage].append(dt)
+        t = now()
+        z = torch.zeros_like(emb0)
+        if keep:
+            zeroed.append(now() - t)
+        del z
+    med = {name: {s: statistics.median(v) * 1e3 for s, v in st.items()} for name, st in times.items()}
+    queue.put((med, statistics.median(zeroed) * 1e3, len(a)))
 
 
 def main() -> None:
@@ -96,21 +176,49 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="variants timed in their own process (the loops take minutes); none: breakdown only")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help=f"also time {MODULE} as it was at this git revision")
     args = p.parse_args()
     print(f"cpu, {args.threads} threads: B={args.batch_size}, {args.dim}-d embeddings at "
           f"{args.size[0]}x{args.size[1]}, {args.classes} classes, max_samples 1024, max_views 100")
     ctx = mp.get_context("spawn")
-    results = {}
-    for name in VARIANTS:
+
+    def in_process(target, *a):
         queue = ctx.Queue()
-        proc = ctx.Process(target=worker, args=(name, args, queue))
+        proc = ctx.Process(target=target, args=(*a, args, queue))
         proc.start()
-        results[name] = queue.get()
+        out = queue.get()
         proc.join()
-    print(f"{'variant':<15}{'ms fwd+bwd':>12}{'vs vectorised':>15}{'peak MB':>10}{'anchors':>9}{'loss':>9}")
-    v = results["vectorised"]
-    for name, (ms, mb, m, loss) in results.items():
-        print(f"{name:<15}{ms:>12.1f}{ms / v[0]:>14.1f}x{mb:>10.0f}{m:>9d}{loss:>9.3f}")
+        return out
+
+    names = list(args.variants)
+    if args.baseline and "vectorised" in names:
+        from baseline import short
+
+        names.insert(names.index("vectorised") + 1, f"vectorised@{short(args.baseline)}")
+    results = {name: in_process(worker, name) for name in names}
+    if results:
+        first = next(iter(results.values()))
+        print(f"{'variant':<20}{'ms fwd+bwd':>12}{'vs ' + names[0]:>18}{'peak MB':>10}{'anchors':>9}{'loss':>9}")
+        for name, (ms, mb, m, loss) in results.items():
+            print(f"{name:<20}{ms:>12.1f}{ms / first[0]:>17.2f}x{mb:>10.0f}{m:>9d}{loss:>9.3f}")
+
+    med, zeroed, m = in_process(breakdown)
+    print(f"\nbreakdown, ms forward + backward (median of {args.repeats}, implementations taking turns), "
+          f"{m} anchors:")
+    print(f"{'':<18}{'sampling':>10}{'gather':>10}{'loss':>10}{'sum':>10}{'whole':>10}")
+    for name, st in med.items():
+        total = st["sampling"] + st["gather"] + st["loss"]
+        print(f"{name:<18}{st['sampling']:>10.1f}{st['gather']:>10.1f}{st['loss']:>10.1f}{total:>10.1f}"
+              f"{st['whole']:>10.1f}")
+    if len(med) == 2:
+        (new, a), (old, b) = med.items()
+        print(f"{old} / {new}: " + ", ".join(f"{s} {b[s] / a[s]:.2f}x" for s in a))
+    shape = (args.batch_size, args.dim, args.size[0] * args.size[1])
+    print(f"a zeroed {tuple(shape)} float32 tensor (the gradient of the map any backward into it allocates): "
+          f"{zeroed:.1f} ms")
 
 
 if __name__ == "__main__":

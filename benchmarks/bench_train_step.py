@@ -7,6 +7,16 @@ parsed by ``ctxseg.study.parse_method_spec``, as ``python -m ctxseg study --meth
 
 Prints ms per step (median of --repeats after --warmup steps) and each method's ratio to ce.
 Numbers are for comparison within one run on one machine; never assert on them in tests.
+
+A method with a memory bank is timed with full queues (the steady state): they are filled before
+timing. For it the script also times, interleaved with the steps, the matrix products its loss
+cannot do without in float32 ("GEMMs only"): the similarities of one step's M anchors (sampled
+once, on this batch) to all K queue entries and the gradient back through them, 2 x 2 x M x K x D
+flops. ``--baseline REV`` also times every non-CE method as its module was at git revision REV
+(``spec@REV``), interleaved with the others: before/after in one run, e.g.
+
+    python benchmarks/bench_train_step.py --methods ce pixel_contrast:memory=true,memory_size=5000 \
+        --baseline 662de39 --threads 1
 """
 
 from __future__ import annotations
@@ -39,10 +49,15 @@ def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def make_fns(spec: str, ds, batch, encoder: str):
-    """(train step, inference) closures for one method spec ``name[:key=value,...]``."""
+def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None):
+    """(train step, inference) closures for one method spec ``name[:key=value,...]``; with
+    ``baseline``, the method's class as of that git revision."""
     parsed = parse_method_spec(spec)
     cls = get_method(parsed.name)
+    if baseline is not None:
+        from baseline import class_at
+
+        cls = class_at(baseline, cls)
     torch.manual_seed(0)
     cfg = cls.config_class(method=parsed.name, iters=10_000, encoder=encoder)
     cfg = apply_overrides(cfg, parsed.settings, spec)
@@ -53,6 +68,7 @@ def make_fns(spec: str, ds, batch, encoder: str):
         labels = torch.arange(C).repeat_interleave(size)
         for kind in ("pixel", "region"):
             memory.push(kind, torch.nn.functional.normalize(torch.randn(C * size, dim), dim=1), labels)
+            assert (getattr(memory, f"{kind}_count") == size).all(), "queues not full"
     model = build_model(cfg, ds.info.num_classes, heads=method.heads)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -73,7 +89,20 @@ def make_fns(spec: str, ds, batch, encoder: str):
         with torch.no_grad():
             deployed.predict(batch["image"])
 
-    return step, infer, sum(p.numel() for p in deployed.parameters())
+    gemms = None
+    if memory is not None and baseline is None:
+        model.train()
+        with torch.no_grad():
+            n_anchors = len(method.sample(model(batch["image"]), batch["mask"]))
+        anchors = torch.nn.functional.normalize(torch.randn(n_anchors, dim), dim=1)
+        queues = [q for c in range(C) for q in (memory.pixel[c], memory.region[c])]
+
+        def gemms():
+            for q in queues:
+                (anchors @ q.T) @ q
+
+        gemms.label = f"{n_anchors} anchors x {2 * C * size} keys x {dim}"
+    return step, infer, sum(p.numel() for p in deployed.parameters()), gemms
 
 
 def main() -> None:
@@ -85,6 +114,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also time each non-ce method as it was at this git revision")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,12 +125,20 @@ def main() -> None:
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask", "tags")}
     print(f"device cpu, threads {torch.get_num_threads()}, encoder {args.encoder}, "
           f"batch {args.batch_size}x3x{args.size[0]}x{args.size[1]}")
-    steps, infers, n_params = {}, {}, {}
+    steps, infers, n_params, gemms = {}, {}, {}, {}
     for spec in args.methods:
-        steps[spec], infers[spec], n_params[spec] = make_fns(spec, ds, batch, args.encoder)
-    train_ms = time_interleaved(steps, args.warmup, args.repeats)
+        steps[spec], infers[spec], n_params[spec], floor = make_fns(spec, ds, batch, args.encoder)
+        if floor is not None:
+            gemms[spec] = floor
+        if args.baseline and parse_method_spec(spec).name != "ce":
+            from baseline import short
+
+            old = f"{spec}@{short(args.baseline)}"
+            steps[old], infers[old], n_params[old], _ = make_fns(spec, ds, batch, args.encoder, args.baseline)
+    timed = {**steps, **{("gemms", k): fn for k, fn in gemms.items()}}
+    train_ms_all = time_interleaved(timed, args.warmup, args.repeats)
     infer_ms = time_interleaved(infers, args.warmup, args.repeats)
-    results = {k: (train_ms[k], infer_ms[k]) for k in steps}
+    results = {k: (train_ms_all[k], infer_ms[k]) for k in steps}
     base = results.get("ce")
     width = max(16, *(len(k) + 2 for k in results))
     print(f"{'method':<{width}}{'train ms/step':>15}{'vs ce':>8}{'infer ms':>12}{'vs ce':>8}{'deployed params':>17}")
@@ -107,6 +146,10 @@ def main() -> None:
         rt = f"{train_ms / base[0]:.2f}x" if base else "-"
         ri = f"{infer_ms / base[1]:.2f}x" if base else "-"
         print(f"{spec:<{width}}{train_ms:>15.1f}{rt:>8}{infer_ms:>12.1f}{ri:>8}{n_params[spec]:>17,}")
+    for spec, fn in gemms.items():
+        ms = train_ms_all[("gemms", spec)]
+        rt = f" = {ms / base[0]:.2f}x ce's step" if base else ""
+        print(f"  GEMMs only of {spec}'s loss ({fn.label}, similarities + gradient, float32): {ms:.1f} ms{rt}")
 
 
 if __name__ == "__main__":

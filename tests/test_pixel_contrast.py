@@ -18,8 +18,10 @@ from ctxseg.methods.pixel_contrast import (
     PixelContrast,
     PixelContrastConfig,
     anchor_counts,
+    blocked_contrast_loss,
     contrast_loss,
     downsample_labels,
+    gather_anchors,
     memory_keys,
     sample_anchors,
 )
@@ -213,6 +215,113 @@ def test_memory_loss_matches_the_loop_oracle():
     torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
+def _loss_and_grad(fn, feats, *args, **kw):
+    leaf = feats.clone().requires_grad_()
+    loss = fn(leaf, *args, **kw)
+    loss.backward()
+    return loss.item(), leaf.grad
+
+
+def test_in_batch_loss_matches_the_loop_oracle_with_many_classes():
+    # 19 classes in no particular order: several with a single anchor (no positive), a class with
+    # most anchors, anchors of unequal norms (the loss does not assume unit vectors).
+    g = torch.Generator().manual_seed(8)
+    y = torch.cat([torch.randint(0, 19, (70,), generator=g), torch.full((50,), 3)])[torch.randperm(120, generator=g)]
+    feats = F.normalize(torch.randn(120, 24, generator=g), dim=1) * (0.5 + torch.rand(120, 1, generator=g))
+    got, got_grad = _loss_and_grad(contrast_loss, feats, y)
+    want, want_grad = _loss_and_grad(oracle.contrast_loss, feats, y)
+    assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    # Anchors of one class only: no negatives, every term is 0.
+    got, got_grad = _loss_and_grad(contrast_loss, feats[:10], torch.zeros(10, dtype=torch.long))
+    assert got == 0.0 and torch.equal(got_grad, torch.zeros_like(got_grad))
+
+
+def _filled_bank(C=5, size=12, dim=16, seed=9):
+    """Class 0 wrapped in both queues, 1 partly filled, 2 in the region queue only, 3 empty, 4 full."""
+    bank = MemoryBank(num_classes=C, size=size, dim=dim)
+    g = torch.Generator().manual_seed(seed)
+    for kind, labels in (("pixel", [0] * 20 + [1] * 5 + [4] * 12), ("region", [0] * 15 + [1] * 3 + [2] * 4 + [4] * 12)):
+        keys = F.normalize(torch.randn(len(labels), dim, generator=g), dim=1)
+        bank.push(kind, keys, torch.tensor(labels))
+    return bank
+
+
+@pytest.mark.parametrize("T,T_base,norm,path", [
+    (0.1, 0.07, 1.0, "unshifted"), (0.5, 0.5, 1.0, "unshifted"), (0.05, 0.07, 3.0, "unshifted"),
+    (0.1, 0.07, 1.0, "shifted"),  # forced: the exp sums are declared out of range
+    (0.01, 0.07, 1.0, "shifted"),  # exp(s) reaches exp(100): the sums leave the range by themselves
+])
+def test_blocked_loss_on_the_queues_matches_the_loop_oracle(T, T_base, norm, path, monkeypatch):
+    import ctxseg.methods.pixel_contrast as pc
+
+    calls = []
+    negative_sums = pc._negative_sums
+    def spy(*args, shifted):
+        calls.append(shifted)
+        return negative_sums(*args, shifted=shifted)
+
+    monkeypatch.setattr(pc, "_negative_sums", spy)
+    if path == "shifted" and T == 0.1:
+        monkeypatch.setattr(pc, "_UNSHIFTED_RANGE", (float("inf"), 0.0))
+    bank = _filled_bank()
+    assert bank.pixel_count.tolist() == [12, 5, 0, 0, 12] and bank.region_count.tolist() == [12, 3, 4, 0, 12]
+    g = torch.Generator().manual_seed(10)
+    # Anchors of classes 0-3 and 5: class 3 and 5 have no memory entry (no positive); class 4 has no anchor.
+    y = torch.tensor([0] * 9 + [1] * 6 + [2] * 4 + [3] * 3 + [5] * 2)[torch.randperm(24, generator=g)]
+    feats = norm * F.normalize(torch.randn(24, 16, generator=g), dim=1)
+    got, got_grad = _loss_and_grad(blocked_contrast_loss, feats, y, bank.blocks(), T, T_base)
+    want, want_grad = _loss_and_grad(oracle.contrast_loss, feats, y, *bank.keys(), T, T_base)
+    assert calls == ([False] if path == "unshifted" else [False, True])
+    assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    # The same through contrast_loss with the keys as one tensor.
+    got, got_grad = _loss_and_grad(contrast_loss, feats, y, *bank.keys(), T, T_base)
+    assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_loss_edge_cases():
+    bank = _filled_bank()
+    f = F.normalize(torch.randn(6, 16), dim=1)
+    # Only class 2 in memory: its anchors have positives but no negative (terms 0).
+    only_two = [(c, ks) for c, ks in bank.blocks() if c == 2]
+    loss, grad = _loss_and_grad(blocked_contrast_loss, f, torch.full((6,), 2), only_two)
+    assert loss == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    # No anchor has a positive: 0, with a (zero) gradient.
+    loss, grad = _loss_and_grad(blocked_contrast_loss, f, torch.full((6,), 3), bank.blocks())
+    assert loss == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    # Keys that require a gradient are refused (they would silently get none).
+    with pytest.raises(ValueError, match="constants"):
+        contrast_loss(f, torch.zeros(6, dtype=torch.long), torch.randn(4, 16, requires_grad=True), torch.arange(4))
+
+
+def test_blocks_are_views_of_the_queues():
+    bank = _filled_bank()
+    blocks = dict(bank.blocks())
+    assert sorted(blocks) == [0, 1, 2, 4]
+    for c, (pixel, region) in blocks.items():
+        assert len(pixel) == bank.pixel_count[c] and len(region) == bank.region_count[c]
+        if len(pixel):
+            assert pixel.data_ptr() == bank.pixel[c].data_ptr()
+        if len(region):
+            assert region.data_ptr() == bank.region[c].data_ptr()
+    assert blocks[4][0].shape == bank.pixel[4].shape  # a full queue: its whole slice, not a copy
+
+
+def test_gather_anchors_matches_indexing_forward_and_backward():
+    emb = torch.randn(3, 5, 40)
+    index = torch.randperm(120)[:30]
+    a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    got = gather_anchors(a, index)
+    want = b[index // 40, :, index % 40]
+    assert torch.equal(got, want)
+    w = torch.randn(30, 5)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 def test_sampling_plus_loss_equals_the_oracle_on_the_same_anchors():
     B, D, h, w, C = 2, 8, 24, 24, 4
     labels = blob_labels(B, h, w, C, seed=3)
@@ -399,6 +508,35 @@ def test_memory_fills_during_warmup_and_is_read_after():
     assert torch.equal(method.memory.region_count > 0, present)
     loss, terms = method(model(batch["image"]), batch, 2)
     assert terms["contrast"] > 0 and torch.isfinite(loss)
+
+
+def test_memory_contrast_in_the_method_matches_the_oracle():
+    # The method's contrast term and its gradient with respect to the embeddings, with the queues
+    # filled: equal to the oracle on the queues as they were before the step (the forward enqueues
+    # this batch's keys in place before the backward runs).
+    method, model, batch = _method_and_model(contrast_warmup=0.0, memory=True, memory_size=20)
+    model.train()
+    with torch.no_grad():
+        out = model(batch["image"])
+    for _ in range(3):
+        method(out, batch, 0)  # fill the queues (class 0 wraps)
+    keys, key_labels = method.memory.keys()
+    assert len(set(key_labels.tolist())) >= 3
+    pixel_before = method.memory.pixel.clone()
+    emb = out["embed"].clone().requires_grad_()
+    torch.manual_seed(5)
+    loss, terms = method({"logits": out["logits"], "embed": emb}, batch, 1)
+    assert not torch.equal(method.memory.pixel, pixel_before)  # enqueued in place, before the backward
+    loss.backward()
+    torch.manual_seed(5)
+    a = method.sample(out, batch["mask"])
+    ref = out["embed"].clone().requires_grad_()
+    feats = ref.flatten(2)[a.index // 256, :, a.index % 256]
+    want = oracle.contrast_loss(feats, a.label, keys, key_labels)
+    (0.1 * want).backward()
+    assert terms["contrast"].item() == pytest.approx(want.item(), abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(emb.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    assert ref.grad.abs().sum() > 0
 
 
 def test_resume_carries_the_memory_bank(tmp_path):

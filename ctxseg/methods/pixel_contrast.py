@@ -20,6 +20,9 @@ L2-normalised). Per step:
    one softmax. After the loss, each (image, class) pushes its L2-normalised mean embedding into
    the region queue and up to ``pixel_update_freq`` random pixel embeddings into the pixel queue;
    under DDP the keys of all ranks are gathered first, so every rank holds the same queues.
+   The loss computes its gradient with respect to the anchors in the forward (no (M, K) matrix is
+   kept for the backward), class by class against the queues read in place (see "Loss" below):
+   so the queues can be updated in place right after it, before the backward.
 
 Anchor budgets. The public code samples per GPU (``max_samples`` 1024 anchors, ``max_views`` 100),
 and its Cityscapes runs put 2 images on each GPU at a 128x256 embedding grid: 1024 anchors per 2
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ctxseg.config import TrainConfig
 from ctxseg.data.base import IGNORE_INDEX
@@ -238,25 +242,34 @@ def sample_anchors(
     """Hard anchor sampling on flattened (B, P) labels and predictions (ignore = 255).
 
     Half hard, half easy per qualifying (image, class) (see ``anchor_counts`` for the budgets),
-    uniformly at random within each group; anchors come out grouped by (image, class, easy)."""
+    uniformly at random within each group; anchors come out grouped by (image, class, easy).
+
+    One sort: every candidate pixel (of a group that keeps anchors) gets the key
+    ``group * N + r`` with ``r`` a random permutation of 0..N-1, so that the keys are distinct and
+    each group's pixels come out in uniformly random order; the first ``keep`` of each group are
+    its anchors."""
     B, P = labels.shape
     C = num_classes
     keep_hard, keep_easy, n_view = anchor_counts(
         labels, preds, C, max_samples, max_views, per_image=per_image, min_share=min_share
     )
-    qualify = (keep_hard + keep_easy) > 0
+    keep = torch.stack([keep_hard, keep_easy], dim=-1).flatten()  # group id (b*C + c)*2 + easy
     valid = (labels != IGNORE_INDEX) & (labels >= 0) & (labels < C)
     lab = torch.where(valid, labels, 0)
-    image = torch.arange(B, device=labels.device)[:, None].expand(B, P)
-    candidate = (valid & qualify[image, lab]).flatten()
-    pix = candidate.nonzero().squeeze(1)
-    easy = (preds == labels).flatten()[pix].long()
-    groups = ((image.flatten()[pix] * C + lab.flatten()[pix]) * 2) + easy
-    order, rank = rank_in_groups(groups, B * C * 2, shuffle=True)
-    keep = torch.stack([keep_hard, keep_easy], dim=-1).flatten()  # group id (b*C + c)*2 + easy
-    chosen = order[rank < keep[groups[order]]]
-    index = pix[chosen]
-    return Anchors(index, lab.flatten()[index], easy[chosen] == 0, n_view)
+    easy = preds == labels
+    group = ((torch.arange(B, device=labels.device)[:, None] * C + lab) * 2 + easy).flatten()
+    pix = (valid.flatten() & (keep[group] > 0)).nonzero().squeeze(1)
+    groups = group[pix]
+    n = pix.numel()
+    key = groups * n + torch.randperm(n, device=labels.device)
+    if 2 * B * C * max(n, 1) < 2**31:
+        key = key.int()  # sorts about twice as fast as int64
+    order = torch.argsort(key)  # the keys are distinct: no need for a stable sort
+    sorted_groups = groups[order]
+    sizes = torch.bincount(groups, minlength=2 * B * C)
+    rank = torch.arange(n, device=labels.device) - (torch.cumsum(sizes, 0) - sizes)[sorted_groups]
+    index = pix[order[rank < keep[sorted_groups]]]
+    return Anchors(index, lab.flatten()[index], ~easy.flatten()[index], n_view)
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -278,6 +291,207 @@ def anchor_terms(counts: torch.Tensor, class_names, max_classes: int) -> dict[st
 
 # ------------------------------------------------------------------------------------------------
 # Loss
+#
+# Both forms compute the loss and its gradient with respect to the anchors in one pass, with the
+# anchors sorted by class, and keep only the (M, D) gradient for the backward (``_EagerGrad``).
+# With s = f.k / T, x_ij = lse_neg_i - s_ij (lse_neg_i: the logsumexp of s_ik over i's negatives)
+# and a_i = (T / T_base) / (anchors with a positive * |P(i)|):
+#     L = sum_i a_i sum_{j in P(i)} softplus(x_ij),
+#     dL/ds_ij = -a_i sigmoid(x_ij) for a positive j,
+#     dL/ds_ik = W_i exp(s_ik - lse_neg_i) for a negative k, with W_i = a_i sum_{j in P(i)} sigmoid(x_ij).
+#
+# - In-batch (``_in_batch_terms``): one (M, M) similarity matrix; an anchor's positives are its own
+#   class's diagonal block, set aside before the negatives' logsumexp. The gradient flows into both
+#   sides of each similarity: (G + G') F / T.
+# - Against constant keys given per class (``_blocked_terms``: the memory bank): for each key class
+#   c, the anchors of the other classes are multiplied with c's keys once, and the product is
+#   reduced at once to L[c, i] = logsumexp_k s_ik and V[c, i] = sum_k exp(s_ik) k (``_negative_sums``;
+#   unshifted when every sum stays in a safe range, otherwise again with each row's maximum
+#   subtracted); then lse_neg_i = logsumexp_{c != y_i} L[c, i], the negatives' gradient is
+#   W_i sum_c V[c, i] / exp(lse_neg_i) / T, and last the anchors of class c meet c's own keys (the
+#   positives). Every anchor-key similarity is computed once, no (M, K) matrix is held and the keys
+#   are read in place (views of the queues, no copy): about 2 x 2 x M x K x D flops, the matrix
+#   products' own cost.
+NEG_INF = float("-inf")
+
+
+def _class_ranges(labels: torch.Tensor):
+    """Stable order of ``labels`` by class, and {class: (first, end)} rows in that order (one host
+    synchronisation)."""
+    order = torch.argsort(labels, stable=True)
+    classes, sizes = torch.unique_consecutive(labels[order], return_counts=True)
+    ranges, start = {}, 0
+    for c, n in zip(classes.tolist(), sizes.tolist()):
+        ranges[c] = (start, start + n)
+        start += n
+    return order, ranges
+
+
+def _unsort(grad_sorted: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    grad = torch.empty_like(grad_sorted)
+    grad[order] = grad_sorted
+    return grad
+
+
+def _scales(n_pos: torch.Tensor, n_with_pos: int, temperature: float, base_temperature: float) -> torch.Tensor:
+    """a_i = (T / T_base) / (n_with_pos * |P(i)|), 0 for an anchor without a positive."""
+    return torch.where(n_pos > 0, (temperature / base_temperature) / (n_with_pos * n_pos.clamp(min=1)), 0.0)
+
+
+def _in_batch_terms(f, y, temperature, base_temperature, need_grad):
+    """(loss, dloss/df or None) of (M, D) float32 anchors contrasting with each other."""
+    M, D = f.shape
+    order, ranges = _class_ranges(y)
+    n_with_pos = sum(hi - lo for lo, hi in ranges.values() if hi - lo > 1)
+    if n_with_pos == 0:
+        return f.new_zeros(()), (torch.zeros_like(f) if need_grad else None)
+    fs = f[order]
+    s = (fs * (1.0 / temperature)) @ fs.T
+    n_pos = f.new_empty(M)
+    positives = []
+    for lo, hi in ranges.values():
+        block = s[lo:hi, lo:hi]
+        positives.append((lo, hi, block.clone().fill_diagonal_(float("inf"))))  # not its own positive
+        block.fill_(NEG_INF)  # positives are not negatives
+        n_pos[lo:hi] = hi - lo - 1
+    m = s.amax(1, keepdim=True)  # the negatives' maximum; -inf where there is no negative
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e = s.sub_(m).exp_()  # exp(s - m) on negatives, 0 elsewhere
+    z = e.sum(1)
+    lse_neg = m[:, 0] + z.log()  # -inf without negatives: those terms are 0
+    a = _scales(n_pos, n_with_pos, temperature, base_temperature)
+    per_anchor = f.new_zeros(M)
+    w = f.new_zeros(M)
+    sig = []
+    for lo, hi, ps in positives:
+        x = lse_neg[lo:hi, None] - ps  # -inf on the diagonal: softplus and sigmoid give 0
+        per_anchor[lo:hi] = F.softplus(x).sum(1)
+        if need_grad:
+            sig.append(torch.sigmoid(x))
+            w[lo:hi] = sig[-1].sum(1)
+    loss = (a * per_anchor).sum()
+    if not need_grad:
+        return loss, None
+    # G: negatives W_i exp(s_ik - lse_neg_i) = (W_i / z_i) e_ik; positives -a_i sigmoid(x_ij).
+    e.mul_(torch.where(z > 0, a * w / z, 0.0)[:, None])
+    for (lo, hi, _), sg in zip(positives, sig):
+        e[lo:hi, lo:hi] = sg.mul_(-a[lo:hi, None])
+    grad = ((e + e.T) @ fs).mul_(1.0 / temperature)  # one product: cheaper than e @ fs + e' @ fs
+    return loss, _unsort(grad, order)
+
+
+# Sums of exp(s) over a class without a shift, when every one lies in this range, lose nothing to
+# underflow or overflow (their largest terms are normal floats, the denormal ones weigh < 1e-13).
+_UNSHIFTED_RANGE = (1e-20, 1e30)
+
+
+def _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted):
+    """For each key class c (row j of the results) and each anchor i of another class: the shift
+    m[j, i] (its row maximum over the class's keys with ``shifted``, else 0), L[j, i] = logsumexp_k
+    s_ik and V[j, i] = sum_k exp(s_ik - m[j, i]) k; 0 on the class's own anchors. Also whether the
+    unshifted sums stayed in ``_UNSHIFTED_RANGE`` (always True with ``shifted``)."""
+    M, D = fs_t.shape
+    shift = fs_t.new_zeros(len(classes), M)
+    lse = fs_t.new_zeros(len(classes), M)
+    v = fs_t.new_zeros(len(classes), M, D) if need_grad else None
+    sums, buffers = [], []  # buffers: one reused (M * n) buffer per block of a class
+    for j, c in enumerate(classes):
+        lo, hi = ranges.get(c, (0, 0))
+        blocks = key_blocks[c]
+        for r0, r1 in ((0, lo), (hi, M)):  # the anchors of the other classes
+            if r1 <= r0:
+                continue
+            sims = []
+            for t, k in enumerate(blocks):
+                if t == len(buffers) or buffers[t].numel() < M * len(k):
+                    buffers[t:t + 1] = [fs_t.new_empty(M * len(k))]
+                out = buffers[t][: (r1 - r0) * len(k)].view(r1 - r0, len(k))
+                sims.append(torch.mm(fs_t[r0:r1], k.T, out=out))
+            if shifted:
+                m = torch.stack([s.amax(1) for s in sims]).amax(0)
+                shift[j, r0:r1] = m
+            z = 0.0
+            for s, k in zip(sims, blocks):
+                e = (s.sub_(m[:, None]) if shifted else s).exp_()
+                z = z + e.sum(1)
+                if need_grad:
+                    v[j, r0:r1].addmm_(e, k)
+            lse[j, r0:r1] = z.log() + m if shifted else z.log()
+            sums.append(z)
+    in_range = True
+    if not shifted and sums:
+        z = torch.cat(sums)
+        in_range = bool(((z >= _UNSHIFTED_RANGE[0]) & (z <= _UNSHIFTED_RANGE[1])).all())
+    return shift, lse, v, in_range
+
+
+def _blocked_terms(f, y, key_blocks, temperature, base_temperature, need_grad):
+    """(loss, dloss/df or None) of (M, D) float32 anchors against constant keys given per class:
+    ``key_blocks`` maps a class to a list of (n, D) float32 tensors."""
+    M, D = f.shape
+    order, ranges = _class_ranges(y)
+    n_keys = {c: sum(len(k) for k in ks) for c, ks in key_blocks.items()}
+    n_with_pos = sum(hi - lo for c, (lo, hi) in ranges.items() if n_keys.get(c, 0) > 0)
+    if n_with_pos == 0:
+        return f.new_zeros(()), (torch.zeros_like(f) if need_grad else None)
+    fs = f[order]
+    fs_t = fs * (1.0 / temperature)
+    classes = list(key_blocks)
+    # Negatives: each class's sums, unshifted (one pass less) unless they leave the safe range
+    # (tiny temperatures, long vectors): then again, each block shifted by its row maximum.
+    shift, lse, v, in_range = _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted=False)
+    if not in_range:
+        shift, lse, v, _ = _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted=True)
+    own = torch.tensor(classes, dtype=y.dtype, device=y.device)[:, None] == y[order][None, :]  # (C', M)
+    lse_neg = torch.logsumexp(lse.masked_fill(own, NEG_INF), 0)  # -inf without negatives
+    n_pos = f.new_zeros(M)
+    for c, (lo, hi) in ranges.items():
+        n_pos[lo:hi] = n_keys.get(c, 0)
+    a = _scales(n_pos, n_with_pos, temperature, base_temperature)
+    # Positives: each class's anchors against its own keys, now that lse_neg is known.
+    per_anchor = f.new_zeros(M)
+    w = f.new_zeros(M)
+    g_pos = f.new_zeros(M, D) if need_grad else None
+    for c, (lo, hi) in ranges.items():
+        for k in key_blocks.get(c, ()):
+            x = (fs_t[lo:hi] @ k.T).neg_().add_(lse_neg[lo:hi, None])
+            per_anchor[lo:hi] += F.softplus(x).sum(1)
+            if need_grad:
+                sg = torch.sigmoid(x)
+                w[lo:hi] += sg.sum(1)
+                g_pos[lo:hi].addmm_(sg, k)
+    loss = (a * per_anchor).sum()
+    if not need_grad:
+        return loss, None
+    # exp(L_c - lse_neg) V_c / z_c = exp(m_c - lse_neg) sum_k exp(s_ik - m_c) k; at most 1 (L_c <= lse_neg).
+    weight = torch.where(own | torch.isinf(lse_neg)[None, :], 0.0, torch.exp(shift - lse_neg[None, :]))
+    g_neg = f.new_zeros(M, D)
+    for j in range(len(classes)):
+        g_neg.addcmul_(weight[j][:, None], v[j])
+    grad = (a * w)[:, None] * g_neg - a[:, None] * g_pos
+    return loss, _unsort(grad.mul_(1.0 / temperature), order)
+
+
+class _EagerGrad(torch.autograd.Function):
+    """Loss whose gradient with respect to the anchors is computed with it (``terms``); the
+    backward only scales it. Nothing else is saved: keys may change in place once the forward is
+    done (the memory bank's enqueue)."""
+
+    @staticmethod
+    def forward(ctx, anchors, terms, *args):
+        loss, grad = terms(anchors, *args, need_grad=ctx.needs_input_grad[0])
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.n_args = 1 + len(args)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss, *([None] * ctx.n_args))
+
+
 def contrast_loss(
     anchors: torch.Tensor,
     anchor_labels: torch.Tensor,
@@ -291,27 +505,62 @@ def contrast_loss(
     Without ``keys`` the anchors contrast with each other (an anchor is not its own positive).
     Each positive j of anchor i is scored against itself plus all of i's negatives:
     ``(T/T_base) * softplus(logsumexp_k s_ik - s_ij)``, averaged over P(i), then over the anchors
-    that have a positive. No anchor with a positive gives 0 (still connected to the graph)."""
+    that have a positive. No anchor with a positive gives 0 (still connected to the graph).
+    Keys are constants: no gradient flows into them (``keys`` requiring one is refused). Keys
+    that are already grouped by class are better passed to ``blocked_contrast_loss`` (no copy)."""
+    if keys is None:
+        with torch.autocast(anchors.device.type, enabled=False):
+            return _EagerGrad.apply(anchors.float(), _in_batch_terms, anchor_labels, temperature, base_temperature)
+    if keys.requires_grad and torch.is_grad_enabled():
+        raise ValueError("contrast_loss: keys are constants (memory entries); detach them")
+    order, ranges = _class_ranges(key_labels)
+    keys = keys.detach()[order]
+    blocks = [(c, keys[lo:hi]) for c, (lo, hi) in ranges.items()]
+    return blocked_contrast_loss(anchors, anchor_labels, blocks, temperature, base_temperature)
+
+
+def blocked_contrast_loss(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    key_blocks,
+    temperature: float = 0.1,
+    base_temperature: float = 0.07,
+) -> torch.Tensor:
+    """``contrast_loss`` of (M, D) anchors against constant keys grouped by class: ``key_blocks``
+    is a sequence of ``(class, keys)`` with ``keys`` one (n, D) tensor or a list of them (a class
+    may appear more than once; empty tensors are skipped). The keys are read where they are (e.g.
+    ``MemoryBank.blocks()``, views of the queues), never copied; each anchor-key similarity is
+    computed once and no (M, K) matrix is held."""
+    blocks: dict[int, list[torch.Tensor]] = {}
+    for c, ks in key_blocks:
+        for k in [ks] if torch.is_tensor(ks) else ks:
+            if len(k):
+                blocks.setdefault(int(c), []).append(k.detach().float())
     with torch.autocast(anchors.device.type, enabled=False):
-        anchors = anchors.float()
-        self_contrast = keys is None
-        if self_contrast:
-            keys, key_labels = anchors, anchor_labels
-        s = anchors @ keys.float().T / temperature
-        same = anchor_labels[:, None] == key_labels[None, :]
-        pos = same
-        if self_contrast:
-            pos = same & ~torch.eye(len(anchors), dtype=torch.bool, device=anchors.device)
-        # A finite fill (not -inf) keeps the gradient finite for anchors without negatives.
-        fill = torch.finfo(s.dtype).min / 4
-        lse_neg = torch.logsumexp(torch.where(same, fill, s), dim=1, keepdim=True)
-        per_pair = F.softplus(lse_neg - s)
-        n_pos = pos.sum(1)
-        per_anchor = torch.where(pos, per_pair, 0.0).sum(1) / n_pos.clamp(min=1)
-        has_pos = n_pos > 0
-        if not has_pos.any():
-            return s.sum() * 0.0
-        return (temperature / base_temperature) * per_anchor[has_pos].mean()
+        return _EagerGrad.apply(anchors.float(), _blocked_terms, anchor_labels, blocks, temperature, base_temperature)
+
+
+class _GatherAnchors(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, emb, image, pos):
+        ctx.save_for_backward(image, pos)
+        ctx.shape = emb.shape
+        return emb[image, :, pos]
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, pos = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        out[image, :, pos] = grad  # distinct cells: a plain write, no accumulation
+        return out, None, None
+
+
+def gather_anchors(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(M, D) rows of (B, D, P) embeddings at ``index`` into the flattened (B * P) grid, which must
+    not repeat (``sample_anchors``'s never do): the backward writes each anchor's gradient into
+    the (B, D, P) map without accumulating."""
+    P = emb.shape[2]
+    return _GatherAnchors.apply(emb, index // P, index % P)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,8 +594,18 @@ class MemoryBank(nn.Module):
         ptr.copy_((ptr + n) % S)
         count.copy_(torch.clamp(count + n, max=S))
 
+    def blocks(self) -> list[tuple[int, list[torch.Tensor]]]:
+        """The filled entries per class, ``(class, [pixel entries, region entries])`` for every
+        class with an entry: views of the queues (no copy; once a queue is full its whole
+        (size, dim) slice), for ``blocked_contrast_loss``. One host synchronisation (the fill
+        counts)."""
+        counts = torch.stack([self.pixel_count, self.region_count], 1).tolist()
+        return [(c, [self.pixel[c, :n_pixel], self.region[c, :n_region]])
+                for c, (n_pixel, n_region) in enumerate(counts) if n_pixel + n_region > 0]
+
     def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled entries of both queues (pixel first) and their class labels."""
+        """The filled entries of both queues (pixel first) and their class labels, copied into one
+        (K, dim) tensor (for inspection; the loss reads ``blocks()``)."""
         C, S, _ = self.pixel.shape
         cls = torch.arange(C, device=self.pixel.device)[:, None].expand(C, S)
         slot = torch.arange(S, device=self.pixel.device)[None, :]
@@ -427,9 +686,12 @@ class PixelContrast(Method):
 
         if step >= self.warmup_steps:
             anchors = self._sample(out["logits"], labels, (h, w))  # labels already on the grid
-            feats = emb[anchors.index // (h * w), :, anchors.index % (h * w)]
-            keys = self.memory.keys() if self.memory is not None else (None, None)
-            contrast = contrast_loss(feats, anchors.label, *keys, cfg.temperature, cfg.base_temperature)
+            feats = gather_anchors(emb, anchors.index)
+            if self.memory is None:
+                contrast = contrast_loss(feats, anchors.label, None, None, cfg.temperature, cfg.base_temperature)
+            else:  # the gradient is computed in the forward: the queues may be updated in place below
+                contrast = blocked_contrast_loss(feats, anchors.label, self.memory.blocks(), cfg.temperature,
+                                                 cfg.base_temperature)
             counts = class_counts(anchors.label, self.info.num_classes)
         else:
             contrast = emb.sum() * 0.0 + 0.0  # (+0: no "-0.0" in the log) keeps the head in the graph (DDP)
