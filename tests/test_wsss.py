@@ -785,3 +785,19 @@ def test_dscnet_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(tm
     assert res.returncode == 0, res.stderr
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_group_centres_plot_says_so_when_no_pixel_has_a_pseudo_label():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ctxseg.viz.plots import plot_group_centres
+
+    z = torch.randn(10, 4)
+    fig = plot_group_centres(z, torch.full((10,), IGNORE_INDEX), torch.zeros(8, 4), torch.zeros(8, dtype=torch.bool),
+                             SYNTHETIC_INFO)
+    assert "no reliable pixel" in fig.axes[0].texts[0].get_text()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 0])
+    centres, has = group_centres(F.normalize(z, dim=1), labels, torch.ones(10), 8)
+    fig = plot_group_centres(z, labels, centres, has, SYNTHETIC_INFO)
+    assert "PCA" in fig.axes[-1].get_title()

@@ -599,6 +599,11 @@ def plot_group_centres(z: torch.Tensor, labels: torch.Tensor, centres: torch.Ten
         z, labels = z[idx], labels[idx]
     idx = has.nonzero().flatten().cpu()
     cen = centres.detach().float().cpu()[idx]
+    if len(z) + len(cen) < 2:  # e.g. an untrained model: no pixel got a pseudo label
+        ax.text(0.5, 0.5, "no reliable pixel: no pseudo label to group", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
     pca = PCA(n_components=2, random_state=seed).fit(torch.cat([z, cen]).numpy())
     pz, pc = pca.transform(z.numpy()), pca.transform(cen.numpy())
     palette = np.asarray(info.palette, dtype=float) / 255
