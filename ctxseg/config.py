@@ -68,6 +68,11 @@ class TrainConfig:
             step, forward and backward); None (auto, the default): on for several processes on
             CUDA; true / false force it. Never on CPU, where PyTorch's SyncBatchNorm refuses the
             tensors: an explicit true prints a note there.
+        gather_contrast: contrast over the global batch under torchrun: each method gathers, with
+            the gradient, what it contrasts over (Contextrast's per-class sums, counts and loss
+            sums; pixel contrast's in-batch anchors; DSCNet's PGCL centres and SGCL nodes), so the
+            contrastive term equals that of one process given the whole batch. None (auto, the
+            default): on with several processes; false: each process contrasts its own share.
         tensorboard: also write every numeric value of metrics.jsonl to ``<run>/tensorboard/``
             (``train/<key>`` and ``<eval_split>/<key>`` tags; needs ``pip install 'ctxseg[tensorboard]'``).
         log_every: append a training row to metrics.jsonl every N steps.
@@ -118,6 +123,7 @@ class TrainConfig:
     deterministic: bool = False
     num_workers: int | None = None
     sync_bn: bool | None = None
+    gather_contrast: bool | None = None
     tensorboard: bool = False
     log_every: int = 10
     eval_every: int = 0
@@ -169,9 +175,16 @@ class TrainConfig:
         encoder's ImageNet weights ship with ctxseg; ``norm_mean`` / ``norm_std`` None -> the weights'
         normalisation; ``num_workers`` None -> ``default_num_workers()`` for this machine and the
         processes torchrun starts on it; ``sync_bn`` -> whether it applies (``resolve_sync_bn``: the
-        device ``device`` names and torchrun's WORLD_SIZE). Training stores this, so a run never
+        device ``device`` names and torchrun's WORLD_SIZE); ``gather_contrast`` None -> whether
+        torchrun started several processes (``resolve_gather_contrast``). Training stores this, so a run never
         depends on these rules again."""
-        from ctxseg.engine.distributed import default_num_workers, device_type, resolve_sync_bn, world_size_from_env
+        from ctxseg.engine.distributed import (
+            default_num_workers,
+            device_type,
+            resolve_gather_contrast,
+            resolve_sync_bn,
+            world_size_from_env,
+        )
         from ctxseg.models.pretrained import PACKAGED, input_normalization
 
         cfg = self
@@ -180,6 +193,9 @@ class TrainConfig:
         sync_bn = resolve_sync_bn(cfg.sync_bn, world_size_from_env(), device_type(cfg.device))
         if cfg.sync_bn is not sync_bn:
             cfg = dataclasses.replace(cfg, sync_bn=sync_bn)
+        gather = resolve_gather_contrast(cfg.gather_contrast, world_size_from_env())
+        if cfg.gather_contrast is not gather:
+            cfg = dataclasses.replace(cfg, gather_contrast=gather)
         if cfg.pretrained is None:
             cfg = dataclasses.replace(cfg, pretrained=cfg.encoder in PACKAGED)
         if cfg.norm_mean is None or cfg.norm_std is None:

@@ -161,3 +161,71 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Contrast across processes (``gather_contrast``) and per-rank sampling streams.
+def resolve_gather_contrast(asked: bool | None, world_size: int) -> bool:
+    """Whether the methods contrast over the global batch: ``None`` (auto) -> on with several
+    processes; ``True`` / ``False`` force it (it only acts when there are several processes)."""
+    return world_size > 1 if asked is None else bool(asked)
+
+
+def contrast_world(cfg) -> int:
+    """The number of processes a method contrasts across: the process group's size when
+    ``cfg.gather_contrast`` is on and a group of several processes is up, else 1."""
+    if not getattr(cfg, "gather_contrast", False):
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``x`` (N_r, ...), in rank order, with the gradient flowing back to each rank's
+    own ``x`` (``torch.distributed.nn.functional.all_gather``: the backward sums, over the ranks,
+    the gradients every rank's loss gives each copy). Ranks may hold different N_r: the sizes are
+    exchanged first and the rows padded to the largest for the collective, then trimmed.
+    ``[x]`` when not distributed. Every rank must call it, in the same order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [x]
+    from torch.distributed.nn.functional import all_gather
+
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    top = max(1, *sizes)  # never empty: some backends refuse 0 elements
+    if x.shape[0] < top:
+        x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
+    parts = all_gather(x.contiguous())
+    return [p[:s] for p, s in zip(parts, sizes)]
+
+
+def all_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of ``x`` (the same shape on every rank), differentiable: the
+    gradient of every rank's loss flows back to each rank's ``x``. ``x`` when not distributed."""
+    parts = all_gather_with_grad(x[None])
+    return torch.cat(parts).sum(0) if len(parts) > 1 else x
+
+
+SAMPLING_SEED_STRIDE = 1_000_003
+
+
+def seed_sampling(seed: int, rank: int) -> None:
+    """Offset this process's random stream (the one the methods draw anchors, pixels and queue
+    keys from) by its rank. Call it after the model is built, so the initialisation draws the same
+    numbers on every rank. Rank 0 keeps the stream a single-process run has; rank r > 0 reseeds
+    with ``seed + r * SAMPLING_SEED_STRIDE`` (every device's CUDA generator too)."""
+    if rank > 0:
+        torch.manual_seed(seed + rank * SAMPLING_SEED_STRIDE)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
