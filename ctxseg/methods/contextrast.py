@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxseg.config import TrainConfig
+from ctxseg.engine.distributed import all_gather_rows, all_gather_with_grad, contrast_world
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.methods.pixel_contrast import downsample_labels
 from ctxseg.models.segmenter import Head
@@ -188,20 +189,31 @@ def inverse_norms(x: torch.Tensor, normalize: bool = True, proj=None) -> torch.T
 
 # ------------------------------------------------------------------------------------------------
 # Anchors
+def _sum(gather, x: torch.Tensor) -> torch.Tensor:
+    """The sum over the processes of ``x`` (the same shape everywhere), from ``gather`` (a
+    differentiable all-gather such as ``all_gather_with_grad``)."""
+    return torch.cat(gather(x[None])).sum(0)
+
+
 def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: torch.Tensor | None = None,
-                proj=None):
+                proj=None, gather=None):
     """Per-class mean over the batch of the embeddings of (B, c, P) features ``x`` under ``proj``
     (``None``: x are the embeddings), for (B, P) labels (ignore = 255), each pixel's embedding
     first multiplied by ``scale`` (B, P) when given (``inverse_norms``).
 
     Returns ``(means (C, D), counts (C,))``; classes without pixels get a zero mean. One batched
-    matrix product with the (B, P, C) one-hot labels: no copy of the embeddings."""
+    matrix product with the (B, P, C) one-hot labels: no copy of the embeddings. ``gather``
+    (``gather_contrast``: ``all_gather_with_grad``, every process's tensor with the gradient)
+    turns this process's sums and counts into the global batch's before dividing."""
     C = num_classes
     lab = torch.where((labels >= 0) & (labels < C), labels, C)  # C collects ignored pixels and is dropped
     onehot = F.one_hot(lab, C + 1)[..., :C].to(x.dtype)  # (B, P, C)
     counts = onehot.sum((0, 1))
     weights = onehot if scale is None else onehot * scale[..., None]
-    return Projection.sums(x, weights, proj) / counts.clamp(min=1)[:, None], counts.long()
+    sums = Projection.sums(x, weights, proj)
+    if gather is not None:
+        sums, counts = _sum(gather, sums), _sum(gather, counts)
+    return sums / counts.clamp(min=1)[:, None], counts.long()
 
 
 def representative_anchors(
@@ -214,6 +226,7 @@ def representative_anchors(
     detach: bool = False,
     scales: list[torch.Tensor | None] | None = None,
     projs: list | None = None,
+    gather=None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Anchors of every stage from (B, D, P_i) embeddings (or features and their ``projs``, see
     ``Projection``) and (B, P_i) labels on each stage's grid.
@@ -222,13 +235,14 @@ def representative_anchors(
     precomputed ``inverse_norms``, else computed here) and the anchors after averaging and after
     fusion. Returns ``(anchors, present)``: per stage a (C, D) tensor of (fused) anchors and a
     (C,) bool of the classes with pixels at that stage. Fusion mixes in the deepest stage's anchor
-    only for classes present at both stages."""
+    only for classes present at both stages. ``gather``: see ``class_means`` (the anchors of the
+    global batch under ``gather_contrast``)."""
     projs = projs or [None] * len(embeds)
     if scales is None:
         scales = [inverse_norms(e, normalize, p) for e, p in zip(embeds, projs)]
     means, present = [], []
     for emb, lab, scale, proj in zip(embeds, labels, scales, projs):
-        m, n = class_means(emb, lab, num_classes, scale, proj)
+        m, n = class_means(emb, lab, num_classes, scale, proj, gather)
         means.append(F.normalize(m, dim=1) if normalize else m)
         present.append(n > 0)
     anchors = []
@@ -294,6 +308,7 @@ def bane_select(
     ratio: float = 0.5,
     negatives: str = "missed",
     per_image: bool = True,
+    gather_rows=None,
 ) -> dict[str, torch.Tensor]:
     """Boundary-aware negatives on one stage's grid, from (B, h, w) labels (ignore = 255) and
     predictions.
@@ -302,6 +317,9 @@ def bane_select(
     (``negatives="missed"``) or the prediction (``"false_positives"``). In each error region (per
     image and class, or per class over the batch when not ``per_image``) the ``k = ceil(ratio * n)``
     pixels nearest the edge are kept, plus any tied with the k-th.
+
+    ``gather_rows`` (``gather_contrast``, with ``per_image`` False: the rows of every process, no
+    gradient) takes the per-class cut over the error pixels of the global batch.
 
     Returns a dict of (B, h, w) maps: ``region`` (region class, -1 outside the error regions),
     ``distance`` (to the region's edge; 0 outside) and ``kept`` (bool)."""
@@ -315,30 +333,44 @@ def bane_select(
     dist = torch.where(error, edge_distance(region), 0.0)
     kept = torch.zeros_like(error)
     idx = error.flatten().nonzero().squeeze(1)
+    d = dist.flatten()[idx]
+    cls = region.flatten()[idx]
+    group = (idx // (h * w)) * C + cls if per_image else cls
+    G = B * C if per_image else C
+    if gather_rows is not None and not per_image:  # a collective: every process, even without errors
+        cut = _group_cuts(gather_rows(group), gather_rows(d), G, ratio)
+    elif idx.numel():
+        cut = _group_cuts(group, d, G, ratio)
+    else:
+        cut = None
     if idx.numel():
-        d = dist.flatten()[idx]
-        cls = region.flatten()[idx]
-        group = (idx // (h * w)) * C + cls if per_image else cls
-        G = B * C if per_image else C
-        # Sort by (group, distance): two stable sorts.
-        by_d = torch.argsort(d, stable=True)
-        order = by_d[torch.argsort(group[by_d], stable=True)]
-        n = torch.bincount(group, minlength=G)
-        starts = torch.cumsum(n, 0) - n
-        # k = ceil(ratio * n); the small tolerance keeps e.g. 0.3 * 10 at 3, not 4.
-        k = torch.ceil(n.double() * ratio - 1e-9).long().clamp(min=1)
-        last = (starts + k - 1).clamp(max=max(idx.numel() - 1, 0))
-        cut = torch.where(n > 0, d[order][last], -1.0)
         kept.view(-1)[idx] = d <= cut[group]
     return {"region": region, "distance": dist, "kept": kept}
 
 
-def negative_mask(labels, preds, kept, num_classes, negatives="missed") -> torch.Tensor:
+def _group_cuts(group: torch.Tensor, d: torch.Tensor, num_groups: int, ratio: float) -> torch.Tensor:
+    """(G,) the distance of the ``ceil(ratio * n)``-th nearest of each group's n pixels (-1 for an
+    empty group), for (N,) group ids and distances."""
+    if group.numel() == 0:
+        return torch.full((num_groups,), -1.0, device=d.device)
+    # Sort by (group, distance): two stable sorts.
+    by_d = torch.argsort(d, stable=True)
+    order = by_d[torch.argsort(group[by_d], stable=True)]
+    n = torch.bincount(group, minlength=num_groups)
+    starts = torch.cumsum(n, 0) - n
+    # k = ceil(ratio * n); the small tolerance keeps e.g. 0.3 * 10 at 3, not 4.
+    k = torch.ceil(n.double() * ratio - 1e-9).long().clamp(min=1)
+    last = (starts + k - 1).clamp(max=group.numel() - 1)
+    return torch.where(n > 0, d[order][last], -1.0)
+
+
+def negative_mask(labels, preds, kept, num_classes, negatives="missed", gather=None) -> torch.Tensor:
     """(C, N) bool: which of N flattened pixels are negatives of each class's anchor.
 
     With ``kept`` (BANE's selection) the negatives follow ``negatives`` (see ``bane_select``);
     without it (``None``, CCL alone) they are all valid pixels of another class. An anchor whose
-    BANE pool is empty falls back to all other-class pixels."""
+    BANE pool is empty falls back to all other-class pixels (empty over the global batch with
+    ``gather``, see ``class_means``)."""
     C = num_classes
     classes = torch.arange(C, device=labels.device)[:, None]
     other = ((labels >= 0) & (labels < C))[None, :] & (labels[None, :] != classes)
@@ -348,7 +380,10 @@ def negative_mask(labels, preds, kept, num_classes, negatives="missed") -> torch
         neg = kept[None, :] & other
     else:
         neg = kept[None, :] & (preds[None, :] == classes) & other
-    empty = ~neg.any(1, keepdim=True)
+    any_neg = neg.any(1, keepdim=True)
+    if gather is not None:
+        any_neg = _sum(gather, any_neg.float()) > 0
+    empty = ~any_neg
     return torch.where(empty, other, neg)
 
 
@@ -362,6 +397,7 @@ def pixel_to_anchor_loss(
     temperature: float = 0.1,
     scale: torch.Tensor | None = None,
     proj=None,
+    gather=None,
 ) -> torch.Tensor:
     """``mean_n L^n`` for (B, D, P) pixel embeddings (or (B, c, P) features and their ``proj``, see
     ``Projection``) with (B, P) labels (ignore = 255), (C, D) anchors and a (C, B * P) negative
@@ -370,7 +406,12 @@ def pixel_to_anchor_loss(
     ``L^n = mean over pixels v+ of class n of softplus(logsumexp_{v- in neg[n]} s(â_n, v-)
     - s(â_n, v+))``, ``s = â.v / τ`` with v scaled by ``scale`` (B, P) when given (``inverse_norms``:
     v L2-normalised). The mean is over the classes with pixels. An anchor without negatives
-    contributes 0; no valid pixel gives 0 (still connected to the graph)."""
+    contributes 0; no valid pixel gives 0 (still connected to the graph).
+
+    ``gather`` (``gather_contrast``: ``all_gather_with_grad``) makes every sum over pixels one
+    over the global batch: each process's (C,) negatives' logsumexps, per-class loss sums and
+    positive counts are combined over the processes, so every process gets the loss of the whole
+    batch (given the anchors of the whole batch)."""
     C = anchors.shape[0]
     B, _, P = emb.shape
     with torch.autocast(emb.device.type, enabled=False):
@@ -381,14 +422,21 @@ def pixel_to_anchor_loss(
         # A finite fill (not -inf) keeps the gradient finite for an anchor without negatives.
         fill = torch.finfo(s.dtype).min / 4
         lse_neg = torch.logsumexp(torch.where(neg, s, fill), dim=1)  # (C,)
+        if gather is not None:  # logsumexp over the processes of their logsumexps
+            lse_neg = torch.logsumexp(torch.cat(gather(lse_neg[None])), 0)
         labels = labels.flatten()
         pos = ((labels >= 0) & (labels < C)).nonzero().squeeze(1)
-        if pos.numel() == 0:
+        if pos.numel() == 0 and gather is None:
             return s.sum() * 0.0
         y = labels[pos]
         per_pixel = F.softplus(lse_neg[y] - s[y, pos])
-        counts = torch.bincount(y, minlength=C)
-        per_class = per_pixel.new_zeros(C).index_add(0, y, per_pixel) / counts.clamp(min=1)
+        counts = torch.bincount(y, minlength=C).to(s.dtype)
+        sums = s.new_zeros(C).index_add(0, y, per_pixel)
+        if gather is not None:
+            sums, counts = _sum(gather, sums + 0.0 * s.sum()), _sum(gather, counts)  # (+0 s: in the graph)
+            if not bool((counts > 0).any()):
+                return sums.sum() * 0.0
+        per_class = sums / counts.clamp(min=1)
         return per_class[counts > 0].mean()
 
 
@@ -416,40 +464,58 @@ class Contextrast(Method):
         """BANE maps (``bane_select``) for each stage's targets, at ``ratio`` (default: K_s)."""
         cfg = self.cfg
         ratio = cfg.bane_ratio if ratio is None else ratio
+        rows = all_gather_rows if contrast_world(cfg) > 1 else None
         return [
             bane_select(t["labels"], t["preds"], self.info.num_classes, ratio, cfg.bane_negatives,
-                        cfg.bane_percentile == "image")
+                        cfg.bane_percentile == "image", rows)
             for t in targets
         ]
 
+    def _gather(self):
+        """``all_gather_with_grad`` under ``gather_contrast`` with several processes, else None."""
+        return all_gather_with_grad if contrast_world(self.cfg) > 1 else None
+
     def anchors(self, out, targets, scales=None):
-        """(anchors, present) of every stage (see ``representative_anchors``)."""
+        """(anchors, present) of every stage (see ``representative_anchors``): over the global
+        batch under ``gather_contrast``."""
         cfg = self.cfg
         return representative_anchors(
             [h.flatten(2) for h in out["stage_hidden"]], [t["labels"].flatten(1) for t in targets],
             self.info.num_classes, cfg.fusion, cfg.fusion_weight, cfg.normalize, cfg.detach_anchors, scales,
-            out["stage_proj"],
+            out["stage_proj"], self._gather(),
         )
 
-    def forward(self, out, batch, step):
+    def contrast(self, out, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The pixel-to-anchor loss ``L_PA = sum_i λ_i L_i`` and each stage's L_i. Under
+        ``gather_contrast`` with several processes every sum over pixels runs over the global
+        batch (anchors, negatives' logsumexps, per-class means, BANE's empty-pool fallback and its
+        ``batch`` percentile), so each process gets the value a single process gets for the whole
+        batch."""
         cfg = self.cfg
         C = self.info.num_classes
-        mask = batch["mask"]
-        ce = cross_entropy(out["logits"], mask)
+        gather = self._gather()
         targets = self.stage_targets(out, mask)
         hidden = [h.flatten(2) for h in out["stage_hidden"]]
         scales = [inverse_norms(h, cfg.normalize, p) for h, p in zip(hidden, out["stage_proj"])]
         anchors, _ = self.anchors(out, targets, scales)
         maps = self.bane(targets) if cfg.bane else [None] * len(targets)
-        terms = {"ce": ce.detach()}
-        contrast = 0.0
+        contrast, stages = 0.0, []
         for i, (x, proj, scale, t, a, m) in enumerate(zip(hidden, out["stage_proj"], scales, targets, anchors, maps)):
             labels = t["labels"].flatten(1)
             with torch.no_grad():
                 kept = None if m is None else m["kept"].flatten()
-                neg = negative_mask(labels.flatten(), t["preds"].flatten(), kept, C, cfg.bane_negatives)
-            li = pixel_to_anchor_loss(x, labels, a, neg, cfg.temperature, scale, proj)
-            terms[f"contrast_s{i + 1}"] = li.detach()
+                neg = negative_mask(labels.flatten(), t["preds"].flatten(), kept, C, cfg.bane_negatives, gather)
+            li = pixel_to_anchor_loss(x, labels, a, neg, cfg.temperature, scale, proj, gather)
+            stages.append(li)
             contrast = contrast + cfg.stage_weights[i] * li
+        return contrast, stages
+
+    def forward(self, out, batch, step):
+        cfg = self.cfg
+        mask = batch["mask"]
+        ce = cross_entropy(out["logits"], mask)
+        contrast, stages = self.contrast(out, mask)
+        terms = {"ce": ce.detach()}
+        terms.update({f"contrast_s{i + 1}": li.detach() for i, li in enumerate(stages)})
         terms["contrast"] = contrast.detach()
         return ce + cfg.contrast_weight * contrast, terms

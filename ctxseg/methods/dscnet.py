@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxseg.data.base import IGNORE_INDEX
+from ctxseg.engine.distributed import all_gather_with_grad, contrast_world
 from ctxseg.methods.pixel_contrast import BUDGETS, ProjectionHead, anchor_terms, class_counts, rank_in_groups
 from ctxseg.methods.wsss import WSSSCam, WSSSConfig, cam_masks
 from ctxseg.models.segmenter import Head
@@ -208,15 +209,23 @@ def graph_class_embeddings(z: torch.Tensor, classes: torch.Tensor, present: torc
 
 # ------------------------------------------------------------------------------------------------
 # PGCL
-def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_classes: int):
+def _sum(gather, x: torch.Tensor) -> torch.Tensor:
+    """The sum over the processes of ``x`` (the same shape everywhere), from ``gather`` (a
+    differentiable all-gather such as ``all_gather_with_grad``); ``x`` when ``gather`` is None."""
+    return x if gather is None else torch.cat(gather(x[None])).sum(0)
+
+
+def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_classes: int, gather=None):
     """Confidence-weighted, L2-normalised class centres of pixel embeddings.
 
     z (N, d), labels (N,) with 255 = unreliable, weights (N,). Returns (C, d) centres and (C,)
-    whether the class has a reliable pixel."""
+    whether the class has a reliable pixel. ``gather`` (``gather_contrast``: ``all_gather_with_grad``)
+    sums the weighted sums and counts over the processes first: the centres of the global batch."""
     reliable = labels != IGNORE_INDEX
     onehot = F.one_hot(torch.where(reliable, labels, 0), num_classes).to(z.dtype)
     w = onehot * (weights * reliable)[:, None]
-    return F.normalize(w.T @ z, dim=1), (onehot * reliable[:, None]).sum(0) > 0
+    sums, counts = _sum(gather, w.T @ z), _sum(gather, (onehot * reliable[:, None]).sum(0))
+    return F.normalize(sums, dim=1), counts > 0
 
 
 def pixel_confidence(refined: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -255,11 +264,17 @@ def sample_pixels_per_image(reliable: torch.Tensor, hard: torch.Tensor, n: int, 
 
 
 def group_contrast(anchors: torch.Tensor, anchor_labels: torch.Tensor, centres: torch.Tensor,
-                   has_centre: torch.Tensor, temperature: float) -> torch.Tensor:
+                   has_centre: torch.Tensor, temperature: float, gather=None) -> torch.Tensor:
     """InfoNCE of each anchor (M, d) against all existing centres (C, d): the mean over anchors of
     ``-log(exp(z.c_y / tau) / sum_k exp(z.c_k / tau))``. Anchors whose class has no centre are
-    skipped; no anchor gives 0 (connected to the graph)."""
+    skipped; no anchor gives 0 (connected to the graph). ``gather`` (see ``group_centres``): the
+    mean over the anchors of every process."""
     keep = has_centre[anchor_labels] if anchor_labels.numel() else anchor_labels.bool()
+    if gather is not None:  # collectives: every process, with or without anchors
+        logits = (anchors @ centres.T / temperature).masked_fill(~has_centre[None, :], float("-inf"))
+        per_anchor = F.cross_entropy(logits[keep], anchor_labels[keep], reduction="sum") if bool(keep.any()) else 0.0
+        total = _sum(gather, torch.stack([per_anchor + 0.0 * (anchors.sum() + centres.sum()), keep.sum().float()]))
+        return total[0] / total[1].clamp(min=1)
     if not bool(keep.any()):
         return anchors.sum() * 0.0 + centres.sum() * 0.0
     logits = (anchors[keep] @ centres.T / temperature).masked_fill(~has_centre[None, :], float("-inf"))
@@ -280,11 +295,28 @@ class DSCNet(WSSSCam):
                                     cfg.background_logit, cfg.detach_node_cams),
         }
 
+    def _gather(self):
+        """``all_gather_with_grad`` under ``gather_contrast`` with several processes, else None."""
+        return all_gather_with_grad if contrast_world(self.cfg) > 1 else None
+
     def graph_stream(self, out, tags, valid=None):
-        """Node embeddings (N, d) after the GCN, normalised, and the node layout."""
+        """Node embeddings (N, d) after the GCN, normalised, and the node layout. Under
+        ``gather_contrast`` with several processes the graph holds the nodes of every process
+        (gathered with their gradient, images numbered over the global batch), so every process
+        runs the GCN of the global batch."""
         present, classes, images = node_layout(tags, self.info.background)
         h = node_embeddings(out, valid).float()
         h = h.reshape(-1, h.shape[-1])
+        gather = self._gather()
+        if gather is not None:
+            layouts = gather(torch.stack([present.long(), classes, images], 1))
+            offsets = [0]
+            for part in layouts[:-1]:
+                offsets.append(offsets[-1] + len(part) // max(1, tags.shape[1]))
+            present = torch.cat([p[:, 0] for p in layouts]).bool()
+            classes = torch.cat([p[:, 1] for p in layouts])
+            images = torch.cat([p[:, 2] + o for p, o in zip(layouts, offsets)])
+            h = torch.cat(gather(h))
         with torch.autocast(h.device.type, enabled=False):
             z = F.normalize(gcn(h, present, out["gcn"]), dim=1)
         return z, present, classes, images
@@ -307,20 +339,30 @@ class DSCNet(WSSSCam):
                                           self.cfg.pgcl_hard_fraction)
         return flat_z[idx], flat_y[idx], flat_z, flat_y, conf.reshape(-1)
 
-    def forward(self, out, batch, step):
+    def contrast(self, out, batch, weak):
+        """(PGCL, SGCL, the PGCL anchors' labels) for the pseudo labels of ``weak_terms``. Under
+        ``gather_contrast`` with several processes the group centres, the graph and both means
+        cover the global batch: every process gets the terms a single process gets for it."""
         cfg = self.cfg
-        loss, terms, weak = self.weak_terms(out, batch, step)
         c = self.info.num_classes
+        gather = self._gather()
         z_nodes, present, classes, images = self.graph_stream(out, batch["tags"], weak["valid"])
         sgcl = node_contrast(z_nodes, classes, images, present, cfg.temperature)
         anchors, anchor_labels, z, y, conf = self.pixel_stream(out, weak)
         if cfg.dual_stream == "B":
             centres, has = graph_class_embeddings(z_nodes, classes, present, c)
         else:
-            centres, has = group_centres(z, y, conf, c)
+            centres, has = group_centres(z, y, conf, c, gather)
         if cfg.detach_centres:
             centres = centres.detach()
-        pgcl = group_contrast(anchors, anchor_labels, centres, has, cfg.temperature)
+        pgcl = group_contrast(anchors, anchor_labels, centres, has, cfg.temperature, gather)
+        return pgcl, sgcl, anchor_labels
+
+    def forward(self, out, batch, step):
+        cfg = self.cfg
+        loss, terms, weak = self.weak_terms(out, batch, step)
+        c = self.info.num_classes
+        pgcl, sgcl, anchor_labels = self.contrast(out, batch, weak)
         loss = loss + (cfg.pgcl_weight if weak["seg_on"] else 0.0) * pgcl + cfg.sgcl_weight * sgcl
         terms.update({"pgcl": pgcl.detach(), "sgcl": sgcl.detach()})
         terms.update(anchor_terms(class_counts(anchor_labels, c), self.info.class_names, cfg.log_class_anchors))

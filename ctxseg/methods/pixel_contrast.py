@@ -58,7 +58,7 @@ from torch.autograd.function import once_differentiable
 
 from ctxseg.config import TrainConfig
 from ctxseg.data.base import IGNORE_INDEX
-from ctxseg.engine.distributed import all_gather_rows
+from ctxseg.engine.distributed import all_gather_rows, all_gather_with_grad, contrast_world
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.models.segmenter import Head, upsample_to
 
@@ -540,6 +540,48 @@ def blocked_contrast_loss(
         return _EagerGrad.apply(anchors.float(), _blocked_terms, anchor_labels, blocks, temperature, base_temperature)
 
 
+def in_batch_share(keys: torch.Tensor, labels: torch.Tensor, lo: int, hi: int, temperature: float = 0.1,
+                   base_temperature: float = 0.07) -> torch.Tensor:
+    """The part of the in-batch ``contrast_loss`` of all (M, D) anchors ``keys`` that anchors
+    ``lo:hi`` (the queries) contribute, normalised over all M: summed over disjoint query ranges
+    that cover the M anchors it is ``contrast_loss(keys, labels)``. Plain autograd, the gradient
+    flowing into the queries and into every key; an (hi - lo, M) similarity matrix."""
+    with torch.autocast(keys.device.type, enabled=False):
+        keys = keys.float()
+        q, yq = keys[lo:hi], labels[lo:hi]
+        n_class = torch.bincount(labels)
+        n_with_pos = int((n_class[labels] > 1).sum())
+        if n_with_pos == 0 or hi <= lo:
+            return keys.sum() * 0.0
+        s = (q * (1.0 / temperature)) @ keys.T
+        same = yq[:, None] == labels[None, :]
+        rows = torch.arange(hi - lo, device=keys.device)
+        pos = same.clone()
+        pos[rows, lo + rows] = False  # an anchor is not its own positive
+        neg = ~same
+        lse_neg = torch.logsumexp(torch.where(neg, s, torch.finfo(s.dtype).min / 4), 1)
+        x = lse_neg[:, None] - s
+        per_anchor = torch.where(pos & neg.any(1, keepdim=True), F.softplus(x), 0.0).sum(1)
+        n_pos = pos.sum(1)
+        a = _scales(n_pos.float(), n_with_pos, temperature, base_temperature)
+        return (a * per_anchor).sum()
+
+
+def gathered_contrast_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, temperature: float = 0.1,
+                           base_temperature: float = 0.07) -> torch.Tensor:
+    """The in-batch loss of the anchors of every process (``gather_contrast``): this process's
+    (M_r, D) anchors are the queries, the anchors of all processes (gathered with their gradient)
+    the keys, and the processes' shares (``in_batch_share``) are summed, with their gradient, so
+    every process gets ``contrast_loss`` of the global batch's anchors. Every process must call
+    it."""
+    parts = all_gather_with_grad(anchors)
+    labels = all_gather_rows(anchor_labels)
+    rank = torch.distributed.get_rank()
+    lo = sum(len(p) for p in parts[:rank])
+    share = in_batch_share(torch.cat(parts), labels, lo, lo + len(anchors), temperature, base_temperature)
+    return torch.cat(all_gather_with_grad(share[None])).sum()
+
+
 class _GatherAnchors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, image, pos):
@@ -678,6 +720,30 @@ class PixelContrast(Method):
         return sample_anchors(labels, preds, self.info.num_classes, max_views=cfg.max_views,
                               per_image=cfg.anchors_per_image, min_share=cfg.min_class_share)
 
+    def contrast(self, out, mask) -> tuple[torch.Tensor, Anchors]:
+        """The contrastive term of one step and the anchors it sampled. Under ``gather_contrast``
+        with several processes: in-batch, each process's anchors contrast with the anchors of all
+        processes (``gathered_contrast_loss``); against the memory, the mean runs over the anchors
+        of all processes. Either way every process gets the term of the global batch's anchors."""
+        cfg = self.cfg
+        emb, labels, (h, w) = self.grid(out, mask)
+        anchors = self._sample(out["logits"], labels, (h, w))  # labels already on the grid
+        feats = gather_anchors(emb, anchors.index)
+        gather = contrast_world(cfg) > 1
+        if self.memory is None:
+            if gather:
+                contrast = gathered_contrast_loss(feats, anchors.label, cfg.temperature, cfg.base_temperature)
+            else:
+                contrast = contrast_loss(feats, anchors.label, None, None, cfg.temperature, cfg.base_temperature)
+        else:  # the gradient is computed in the forward: the queues may be updated in place after it
+            contrast = blocked_contrast_loss(feats, anchors.label, self.memory.blocks(), cfg.temperature,
+                                             cfg.base_temperature)
+            if gather:  # the mean over the anchors with a positive of every process
+                n = ((self.memory.pixel_count + self.memory.region_count) > 0)[anchors.label].sum().float()
+                total = torch.cat(all_gather_with_grad(torch.stack([contrast * n, n])[None])).sum(0)
+                contrast = total[0] / total[1].clamp(min=1)
+        return contrast, anchors
+
     def forward(self, out, batch, step):
         cfg = self.cfg
         mask = batch["mask"]
@@ -685,13 +751,7 @@ class PixelContrast(Method):
         emb, labels, (h, w) = self.grid(out, mask)
 
         if step >= self.warmup_steps:
-            anchors = self._sample(out["logits"], labels, (h, w))  # labels already on the grid
-            feats = gather_anchors(emb, anchors.index)
-            if self.memory is None:
-                contrast = contrast_loss(feats, anchors.label, None, None, cfg.temperature, cfg.base_temperature)
-            else:  # the gradient is computed in the forward: the queues may be updated in place below
-                contrast = blocked_contrast_loss(feats, anchors.label, self.memory.blocks(), cfg.temperature,
-                                                 cfg.base_temperature)
+            contrast, anchors = self.contrast(out, mask)
             counts = class_counts(anchors.label, self.info.num_classes)
         else:
             contrast = emb.sum() * 0.0 + 0.0  # (+0: no "-0.0" in the log) keeps the head in the graph (DDP)
