@@ -127,6 +127,9 @@ class Trainer:
             if self.dist.enabled
             else self.model
         )
+        # The model's init drew the same numbers on every rank; from here each rank samples anchors
+        # (and the method's other draws) from its own stream.
+        D.seed_sampling(cfg.seed, self.dist.rank)
 
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -194,11 +197,22 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        set_rng_state(state["rng"])
+        # Each rank's own stream (``rng_ranks``, one per rank of the run that saved it); a
+        # checkpoint of another world size (or an older one) restores rank 0's, offset by rank.
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank])
+        else:
+            set_rng_state(state["rng"])
+            D.seed_sampling(self.cfg.seed + self.step, self.dist.rank)
 
     def save_checkpoint(self) -> None:
+        ranks = D.all_gather_objects(rng_state()) if self.dist.enabled else None  # every rank's stream
         if self.dist.is_main:
-            save_step_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.keep_ckpts)
+            state = self.state_dict()
+            if ranks is not None:
+                state["rng_ranks"] = ranks
+            save_step_checkpoint(state, self.ckpt_dir, self.step, self.cfg.keep_ckpts)
         D.barrier()
 
     def _log(self, row: dict, kind: str = "train") -> None:
