@@ -58,7 +58,7 @@ from torch.autograd.function import once_differentiable
 
 from ctxseg.config import TrainConfig
 from ctxseg.data.base import IGNORE_INDEX
-from ctxseg.engine.distributed import all_gather_rows, all_gather_with_grad, contrast_world
+from ctxseg.engine.distributed import all_gather_rows, all_gather_with_grad, all_sum_with_grad, contrast_world
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.models.segmenter import Head, upsample_to
 
@@ -579,7 +579,7 @@ def gathered_contrast_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, t
     rank = torch.distributed.get_rank()
     lo = sum(len(p) for p in parts[:rank])
     share = in_batch_share(torch.cat(parts), labels, lo, lo + len(anchors), temperature, base_temperature)
-    return torch.cat(all_gather_with_grad(share[None])).sum()
+    return all_sum_with_grad(share)
 
 
 class _GatherAnchors(torch.autograd.Function):
@@ -740,7 +740,7 @@ class PixelContrast(Method):
                                              cfg.base_temperature)
             if gather:  # the mean over the anchors with a positive of every process
                 n = ((self.memory.pixel_count + self.memory.region_count) > 0)[anchors.label].sum().float()
-                total = torch.cat(all_gather_with_grad(torch.stack([contrast * n, n])[None])).sum(0)
+                total = all_sum_with_grad(torch.stack([contrast * n, n]))
                 contrast = total[0] / total[1].clamp(min=1)
         return contrast, anchors
 
