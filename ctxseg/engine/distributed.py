@@ -181,17 +181,20 @@ def contrast_world(cfg) -> int:
     return dist.get_world_size()
 
 
-def all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_with_grad(x: torch.Tensor, same_shape: bool = False) -> list[torch.Tensor]:
     """Every rank's ``x`` (N_r, ...), in rank order, with the gradient flowing back to each rank's
     own ``x`` (``torch.distributed.nn.functional.all_gather``: the backward sums, over the ranks,
     the gradients every rank's loss gives each copy). Ranks may hold different N_r: the sizes are
-    exchanged first and the rows padded to the largest for the collective, then trimmed.
+    exchanged first and the rows padded to the largest for the collective, then trimmed
+    (``same_shape``: the caller knows every rank's ``x`` has the same shape; no exchange).
     ``[x]`` when not distributed. Every rank must call it, in the same order."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [x]
     from torch.distributed.nn.functional import all_gather
 
     world = dist.get_world_size()
+    if same_shape:
+        return list(all_gather(x.contiguous()))
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
@@ -206,7 +209,7 @@ def all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
 def all_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """The sum over the ranks of ``x`` (the same shape on every rank), differentiable: the
     gradient of every rank's loss flows back to each rank's ``x``. ``x`` when not distributed."""
-    parts = all_gather_with_grad(x[None])
+    parts = all_gather_with_grad(x[None], same_shape=True)
     return torch.cat(parts).sum(0) if len(parts) > 1 else x
 
 

@@ -11,7 +11,10 @@ encoder stages i = 1..4 (strides 4, 8, 16, 32). Per step and stage:
    folded into the loss's small matrix products (``Projection``, ``inverse_norms``): the same
    numbers, without materialising the 256-d stride-4 embedding map.
 2. Representative anchors: labels are nearest-downsampled to the stage; ``a_i^n`` is the mean of the
-   stage's embeddings of class n over the whole mini-batch (of this process), recomputed every step.
+   stage's embeddings of class n over the whole mini-batch, recomputed every step (under torchrun
+   with ``gather_contrast``, the default: over every process's images, the per-class sums and
+   counts gathered with their gradient; so are the negatives' logsumexps and the loss's per-class
+   sums, so each process computes the loss of the whole batch).
 3. Context fusion (``fusion``): ``â_i^n = w_l a_i^n + w_h a_4^n`` when class n is present at stage i
    and at the deepest stage, else ``a_i^n`` (**CHOICE** ``fusion_weight`` w_h = 0.5, w_l = 1 - w_h);
    anchors stay in the graph unless ``detach_anchors`` (**CHOICE**, default False).
@@ -192,7 +195,7 @@ def inverse_norms(x: torch.Tensor, normalize: bool = True, proj=None) -> torch.T
 def _sum(gather, x: torch.Tensor) -> torch.Tensor:
     """The sum over the processes of ``x`` (the same shape everywhere), from ``gather`` (a
     differentiable all-gather such as ``all_gather_with_grad``)."""
-    return torch.cat(gather(x[None])).sum(0)
+    return torch.cat(gather(x[None], same_shape=True)).sum(0)
 
 
 def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: torch.Tensor | None = None,
@@ -423,7 +426,7 @@ def pixel_to_anchor_loss(
         fill = torch.finfo(s.dtype).min / 4
         lse_neg = torch.logsumexp(torch.where(neg, s, fill), dim=1)  # (C,)
         if gather is not None:  # logsumexp over the processes of their logsumexps
-            lse_neg = torch.logsumexp(torch.cat(gather(lse_neg[None])), 0)
+            lse_neg = torch.logsumexp(torch.cat(gather(lse_neg[None], same_shape=True)), 0)
         labels = labels.flatten()
         pos = ((labels >= 0) & (labels < C)).nonzero().squeeze(1)
         if pos.numel() == 0 and gather is None:

@@ -36,6 +36,10 @@ anchors are drawn by pixel, not by class (no per-class quota or qualifying size)
 anchors in proportion to its reliable area. The forward logs the anchors of each pseudo class
 (``anchors/<class>``, see ``log_class_anchors``).
 
+Under torchrun with ``gather_contrast`` (the default) "the batch" is the global batch: the group
+centres' sums and the PGCL mean are summed over the processes and the graph holds every process's
+nodes, all gathered with their gradient, so each process computes the terms of the whole batch.
+
 Everything is vectorised over images, classes, nodes and anchors. Contrastive similarities are
 computed in float32. The projection head and the graph module are training-only heads: the
 deployed model is the plain segmenter.
@@ -212,7 +216,7 @@ def graph_class_embeddings(z: torch.Tensor, classes: torch.Tensor, present: torc
 def _sum(gather, x: torch.Tensor) -> torch.Tensor:
     """The sum over the processes of ``x`` (the same shape everywhere), from ``gather`` (a
     differentiable all-gather such as ``all_gather_with_grad``); ``x`` when ``gather`` is None."""
-    return x if gather is None else torch.cat(gather(x[None])).sum(0)
+    return x if gather is None else torch.cat(gather(x[None], same_shape=True)).sum(0)
 
 
 def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_classes: int, gather=None):

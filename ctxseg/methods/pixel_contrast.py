@@ -38,8 +38,11 @@ not the image; scaled with the grid it would be 3 anchors on a 32x32 grid). In t
 cap equals the threshold, so a qualifying class can always fill its quota; here a qualifying class
 with fewer cells than its quota gives all of them. ``budget: per_batch`` is the reference's rule
 as written: ``max_samples`` for the process's whole batch, and a class qualifies with more than
-``max_views`` cells. The in-batch contrast set is every anchor of the process's batch, so with
-more images per process each anchor meets more negatives than in the reference (memory off).
+``max_views`` cells. The in-batch contrast set is every anchor of the batch: under torchrun with
+``gather_contrast`` (the default) the anchors of all processes, gathered with their gradient (each
+process's anchors are the queries of its share of the loss, ``gathered_contrast_loss``), so each
+anchor meets more negatives than in the reference, whose set is a GPU's own anchors (memory off);
+``gather_contrast=false``: the process's own anchors.
 The forward logs how many anchors each class got (``anchors/<class>``, see
 ``log_class_anchors``); under torchrun these are rank 0's own sample.
 
