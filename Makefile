@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_wsss.py
 	$(PY) benchmarks/bench_umap.py
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/weak_crops.py
+	$(PY) benchmarks/anchor_coverage.py
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

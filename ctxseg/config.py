@@ -89,9 +89,10 @@ class TrainConfig:
     # A method's own per-dataset defaults, applied over ``DATASET_DEFAULTS`` (not a setting).
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # Settings that change how a run executes, never what it computes (the data order and every
-    # augmentation do not depend on the worker count): a run folder made with other values of
-    # these is still the same run.
-    runtime_keys: ClassVar[tuple[str, ...]] = ("num_workers", "tensorboard")
+    # augmentation do not depend on the worker count; a resumed run ends bit-identical, so where
+    # the checkpoints fall does not matter either): a run folder made with other values of these
+    # is still the same run.
+    runtime_keys: ClassVar[tuple[str, ...]] = ("num_workers", "tensorboard", "ckpt_every", "keep_ckpts")
 
     method: str = "ce"
     data: str = "synthetic"

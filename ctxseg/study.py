@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from ctxseg.config import TrainConfig
+
 # The metrics of the tables (fractions in [0, 1]); the weakly supervised ones when eval.json has them.
 METRICS = ("miou", "boundary_iou", "pixel_acc")
 WSSS_METRICS = ("cam_miou", "pseudo_miou", "cls_map")
@@ -35,8 +37,9 @@ LABELS = {"miou": "mIoU", "boundary_iou": "boundary IoU", "pixel_acc": "pixel ac
 RESERVED = ("method", "seed", "out")
 # Config keys that may differ between a run folder and the study asking for it: where it lives,
 # the split it is evaluated on (a finished run is evaluated on another split, not retrained), and
-# how it runs, never what it computes (TrainConfig.runtime_keys: worker count, TensorBoard).
-IGNORED_KEYS = ("out", "eval_split", "num_workers", "tensorboard")
+# how it runs, never what it computes (TrainConfig.runtime_keys: worker count, TensorBoard,
+# checkpoint spacing).
+IGNORED_KEYS = ("out", "eval_split", *TrainConfig.runtime_keys)
 LEVEL = 0.95
 CI_METHOD = (
     "paired t over seeds: for each seed both runs finished, d = metric(method) - metric(baseline); "

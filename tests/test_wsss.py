@@ -3,6 +3,8 @@ the class-aware sampler, and the weak evaluation against scikit-learn."""
 
 from __future__ import annotations
 
+import math
+
 import dscnet_oracle as oracle
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from ctxseg.engine.distributed import DistInfo
 from ctxseg.engine.evaluate import build_model
 from ctxseg.engine.loader import ClassAwareBatchSampler
 from ctxseg.engine.metrics import SegMetrics
+from ctxseg.engine.trainer import Trainer
 from ctxseg.methods.ce import CEConfig
 from ctxseg.methods.dscnet import (
     DSCNet,
@@ -108,6 +111,48 @@ def test_classification_loss_never_asks_for_the_background():
     expected = F.multilabel_soft_margin_loss(scores[:, 1:], tags[:, 1:])
     assert torch.allclose(got, expected)
     assert not torch.allclose(classification_loss(scores, tags, None), expected)
+
+
+def test_balanced_classification_loss_equals_the_loop_oracle_and_by_hand():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 4, requires_grad=True)
+    tags = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0]]).float()
+    freq = torch.tensor([0.5, 0.95, 0.2, 0.005])  # the last is clipped to 0.01
+    got = classification_loss(scores, tags, background=0, frequency=freq)
+    total = 0.0
+    for i in range(5):
+        for c in (1, 2, 3):  # background (0) left out
+            p = min(max(float(freq[c]), 0.01), 0.99)
+            s, t = scores[i, c], float(tags[i, c])
+            bce = -(t * F.logsigmoid(s) + (1 - t) * F.logsigmoid(-s))
+            total = total + (0.5 / p if t else 0.5 / (1 - p)) * bce
+    expected = total / 15
+    assert torch.allclose(got, expected, atol=1e-6)
+    g_got, = torch.autograd.grad(got, scores)
+    g_exp, = torch.autograd.grad(expected, scores)
+    assert torch.allclose(g_got, g_exp, atol=1e-6)
+    # By hand: a class tagged in 95 % of the images; its one absent tag weighs 10, a present one 0.526.
+    one = torch.zeros(1, 2)
+    neg = classification_loss(one, torch.tensor([[1.0, 0.0]]), 0, torch.tensor([0.5, 0.95]))
+    pos = classification_loss(one, torch.tensor([[1.0, 1.0]]), 0, torch.tensor([0.5, 0.95]))
+    assert torch.allclose(neg, torch.tensor(10.0 * math.log(2)), atol=1e-5)
+    assert torch.allclose(pos, torch.tensor(0.5 / 0.95 * math.log(2)), atol=1e-5)
+    # Frequencies of one half weigh every tag 1: the unweighted loss.
+    half = classification_loss(scores, tags, 0, torch.full((4,), 0.5))
+    assert torch.allclose(half, classification_loss(scores, tags, 0), atol=1e-6)
+
+
+def test_the_trainer_gives_the_method_the_training_tag_frequencies(tmp_path):
+    cfg = make_config(WSSSConfig, encoder="test_resnet", iters=1, crop=(32, 32), synthetic_size=(32, 32),
+                      synthetic_train_len=24, out=str(tmp_path / "run"))
+    assert cfg.cls_balance  # the synthetic scenes' default
+    trainer = Trainer(cfg)
+    expected = trainer.train_set.image_tags().float().mean(0)
+    assert torch.allclose(trainer.method.tag_frequency, expected)
+    assert not torch.allclose(expected, torch.full_like(expected, 0.5))
+    off = Trainer(make_config(WSSSConfig, encoder="test_resnet", iters=1, crop=(32, 32), synthetic_size=(32, 32),
+                              synthetic_train_len=24, out=str(tmp_path / "off"), cls_balance=False))
+    assert torch.equal(off.method.tag_frequency, torch.full((8,), 0.5))  # never read
 
 
 def test_restrict_to_tags_keeps_background():

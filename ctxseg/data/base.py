@@ -245,6 +245,13 @@ class SegmentationDataset(Dataset):
             "index": i,
         }
 
+    def tag_table(self) -> torch.Tensor:
+        """``image_tags()``, computed once per dataset object (the class-aware sampler and a
+        weakly supervised method's tag frequencies both read it)."""
+        if getattr(self, "_tag_table", None) is None:
+            self._tag_table = self.image_tags()
+        return self._tag_table
+
     def image_tags(self) -> torch.Tensor:
         """(N, C) multi-hot image-level tags of every sample (what a class-aware batch sampler
         groups by). The default reads every sample; datasets with a cheaper way override it."""

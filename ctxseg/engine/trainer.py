@@ -108,7 +108,7 @@ class Trainer:
         self.info = self.train_set.info
         if cfg.batch_sampler == "class_aware":
             self.sampler = ClassAwareBatchSampler(
-                self.train_set.image_tags(), cfg.batch_size, cfg.seed, self.dist, cfg.class_group_size,
+                self.train_set.tag_table(), cfg.batch_size, cfg.seed, self.dist, cfg.class_group_size,
                 self.info.background,
             )
         else:
@@ -119,7 +119,9 @@ class Trainer:
                 f"method {cfg.method!r} needs a {method_cls.config_class.__name__}, got a {type(cfg).__name__}; "
                 f"build it with make_config({method_cls.config_class.__name__}, ...)"
             )
-        self.method = method_cls(cfg, self.info, self.total_iters).to(self.device)
+        self.method = method_cls(cfg, self.info, self.total_iters)
+        self.method.prepare(self.train_set)
+        self.method.to(self.device)
         self.model = build_model(cfg, self.info.num_classes, heads=self.method.heads).to(self.device)
         self.model = D.maybe_sync_bn(self.model, cfg, self.dist, self.device)  # before DDP wraps it
         self.ddp_model = (

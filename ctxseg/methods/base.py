@@ -38,6 +38,10 @@ class Method(nn.Module):
         self.info = info
         self.total_iters = total_iters
 
+    def prepare(self, train_set) -> None:
+        """Read what the method needs to know about the training set before its first step
+        (weakly supervised methods: the tag frequencies); nothing by default."""
+
     def heads(self, model) -> dict[str, nn.Module]:
         """Training-only heads to add to ``model`` (a Segmenter); none by default."""
         return {}
