@@ -1,6 +1,7 @@
 """Looking inside: run logs, plots, overlays and the HTML report (matplotlib only; imports of
 heavy optional tools such as UMAP stay lazy)."""
 
+from ctxseg.runs import load_run
 from ctxseg.viz.compare import RunTable, find_runs, results_table, run_confusion
 from ctxseg.viz.plots import (
     boundary_error_map,
@@ -28,7 +29,6 @@ from ctxseg.viz.plots import (
     show_predictions,
     show_samples,
 )
-from ctxseg.viz.runs import load_run
 
 __all__ = [
     "RunTable",
