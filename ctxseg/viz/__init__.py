@@ -29,8 +29,10 @@ from ctxseg.viz.plots import (
     show_predictions,
     show_samples,
 )
+from ctxseg.viz.run_browser import RunBrowser
 
 __all__ = [
+    "RunBrowser",
     "RunTable",
     "boundary_error_map",
     "edge_band",

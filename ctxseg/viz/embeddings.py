@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from ctxseg.data.base import DatasetInfo
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
+# The feature each method's loss shapes: what a run is embedded with by default.
+DEFAULT_FEATURE = {"ce": "decoder", "pixel_contrast": "projection", "contextrast": "stage1",
+                   "wsss_cam": "decoder", "dscnet": "projection"}
 CACHE_VERSION = 1
 
 
@@ -428,6 +431,16 @@ def embedding_scores(x: np.ndarray, labels: np.ndarray, metric: str = "euclidean
     predicted = cross_val_predict(knn, x, labels, cv=cv)  # each point voted on by the other folds
     return {"silhouette": silhouette, "knn_accuracy": float((predicted == labels).mean())}
 
+
+def score_table(embs: Mapping[str, Embeddings], mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """``embedding_scores`` of each run's embeddings (name -> Embeddings) on the points of ``mask``
+    (default: all), plus ``accuracy``: the run's own segmentation accuracy on those pixels."""
+    rows = {}
+    for name, e in embs.items():
+        m = np.ones(len(e.x), bool) if mask is None else np.asarray(mask, bool)
+        rows[name] = embedding_scores(e.x[m], e.sample.label[m], metric=e.metric)
+        rows[name]["accuracy"] = float(e.correct[m].mean())
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,10 +13,6 @@ from ctxseg.runs import load_run, open_run, run_file
 from ctxseg.viz.compare import results_table
 from ctxseg.viz.plots import plot_learning_curves, plot_per_class_iou, show_prediction_grid
 
-# The feature each method's loss shapes: what its UMAP panel shows.
-DEFAULT_FEATURE = {"ce": "decoder", "pixel_contrast": "projection", "contextrast": "stage1",
-                   "wsss_cam": "decoder", "dscnet": "projection"}
-
 
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
@@ -37,6 +33,7 @@ def _same_data(runs: list[dict]) -> list[dict]:
 def _umap_section(same: list[dict], ds, per_class: int, progress: bool) -> list[str]:
     """The same pixels of ``ds`` embedded by every run of ``same``, side by side."""
     from ctxseg.viz.embeddings import (
+        DEFAULT_FEATURE,
         embedding_scores,
         pixel_embeddings,
         plot_embeddings,
