@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ctxseg.config import make_config
 from ctxseg.data.base import DatasetInfo
 from ctxseg.viz import embeddings as E
-from ctxseg.viz.plots import edge_band
+from ctxseg.viz.errors import edge_band
 
 INFO = DatasetInfo("toy", ("a", "b", "c", "d"), ((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)), ignore_index=255)
 

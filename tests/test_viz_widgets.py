@@ -113,8 +113,8 @@ def plotted(monkeypatch, module, name):
 
 
 def test_run_browser_widgets_follow_their_controls(runs_root, monkeypatch):
-    import ctxseg.viz.plots as curves
-    import ctxseg.viz.plots as errors
+    import ctxseg.viz.curves as curves
+    import ctxseg.viz.errors as errors
 
     runs = find_runs(runs_root)
     browser = RunBrowser(runs, max_models=4, rows=2)

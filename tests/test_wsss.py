@@ -791,7 +791,7 @@ def test_group_centres_plot_says_so_when_no_pixel_has_a_pseudo_label():
     import matplotlib
 
     matplotlib.use("Agg")
-    from ctxseg.viz.plots import plot_group_centres
+    from ctxseg.viz.weak import plot_group_centres
 
     z = torch.randn(10, 4)
     fig = plot_group_centres(z, torch.full((10,), IGNORE_INDEX), torch.zeros(8, 4), torch.zeros(8, dtype=torch.bool),

@@ -84,7 +84,7 @@ def sample_pixels(dataset, per_class: int = 500, boundary_px: int = 3, seed: int
         raise ValueError(f"boundary_px must be >= 0, got {boundary_px}")
     from tqdm.auto import tqdm
 
-    from ctxseg.viz.plots import edge_band
+    from ctxseg.viz.errors import edge_band
 
     info: DatasetInfo = dataset.info
     k = info.num_classes
@@ -487,7 +487,7 @@ def plot_embedding(xy: np.ndarray, emb: Embeddings, info: DatasetInfo, show: np.
     ``highlight``: indices ringed in black (a selection). Returns the PathCollection."""
     import matplotlib.pyplot as plt
 
-    from ctxseg.viz.plots import legend_handles
+    from ctxseg.viz.images import legend_handles
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
@@ -547,7 +547,7 @@ def show_pixel_locations(dataset, sample: PixelSample, indices: Sequence[int], i
     ``preds`` (name -> per-pixel predictions of the sample) adds how many each run got right."""
     import matplotlib.pyplot as plt
 
-    from ctxseg.viz.plots import overlay
+    from ctxseg.viz.images import overlay
 
     indices = np.asarray(indices, dtype=np.int64)
     if not len(indices):

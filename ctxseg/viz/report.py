@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ctxseg.runs import load_run, open_run, run_file
 from ctxseg.viz.compare import results_table
-from ctxseg.viz.plots import plot_learning_curves, plot_per_class_iou, show_prediction_grid
+from ctxseg.viz.curves import plot_learning_curves, plot_per_class_iou
+from ctxseg.viz.errors import show_prediction_grid
 
 
 def _png(fig) -> str:

@@ -76,7 +76,7 @@ class RunBrowser:
         """Per-class IoU bars of the chosen runs (default: the first four)."""
         import matplotlib.pyplot as plt
 
-        from ctxseg.viz.plots import plot_per_class_iou
+        from ctxseg.viz.curves import plot_per_class_iou
 
         def bars(chosen):
             if not chosen:
@@ -92,7 +92,7 @@ class RunBrowser:
         first whose eval.json stores its matrix (others are evaluated again when picked)."""
         import matplotlib.pyplot as plt
 
-        from ctxseg.viz.plots import plot_confusion
+        from ctxseg.viz.errors import plot_confusion
 
         def show(run, view):
             cm, names = self.confusion(run)
@@ -109,7 +109,7 @@ class RunBrowser:
         other images than the first chosen one are left out, with a note."""
         import matplotlib.pyplot as plt
 
-        from ctxseg.viz.plots import show_prediction_grid
+        from ctxseg.viz.errors import show_prediction_grid
 
         chosen = tuple(chosen or self.default_grid())
 
@@ -135,7 +135,7 @@ class RunBrowser:
         and those inside regions."""
         import matplotlib.pyplot as plt
 
-        from ctxseg.viz.plots import show_boundary_errors
+        from ctxseg.viz.errors import show_boundary_errors
 
         def errors(run, first_image, boundary_px):
             dataset = self.eval_set(run)
