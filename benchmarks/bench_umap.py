@@ -27,8 +27,9 @@ import numpy as np
 args = json.loads(sys.argv[1])
 if args["run"]:
     from ctxseg.engine.evaluate import eval_dataset
-    from ctxseg.viz.embeddings import load_run_model, pixel_embeddings, sample_pixels
-    _, cfg, _ = load_run_model(args["run"])
+    from ctxseg.runs import open_run
+    from ctxseg.viz.embeddings import pixel_embeddings, sample_pixels
+    cfg = open_run(args["run"], heads=True).cfg
     ds = eval_dataset(cfg, cfg.eval_split)
     sample = sample_pixels(ds, per_class=-(-args["points"] // ds.info.num_classes), seed=0)
     emb = pixel_embeddings(args["run"], sample, args["feature"], dataset=ds, progress=False)

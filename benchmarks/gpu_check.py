@@ -80,7 +80,7 @@ def make_trainer(spec: str, args, out: Path, ddp: bool):
     cfg = make_config(cls, args.data, **settings)
     cfg = apply_overrides(cfg, parse_set(args.set), "--set")
     cfg = apply_overrides(cfg, parsed.settings, spec)
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, get_method(cfg.method), progress=False)
     trainer.step = int(0.8 * total)  # past every warm-up: the method's full loss
     memory = getattr(trainer.method, "memory", None)
     if memory is not None:  # the steady state: every class's queues full

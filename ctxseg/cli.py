@@ -127,7 +127,7 @@ def resolve_train_config(args: argparse.Namespace, method: str | None = None, ex
 
 def cmd_train(args) -> int:
     from ctxseg.engine.distributed import cleanup
-    from ctxseg.engine.trainer import Trainer
+    from ctxseg.runs import trainer as make_trainer
 
     cfg = resolve_train_config(args)
     if args.list_settings:
@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
         return 0
     cfg.validate()
     check_run_data(cfg)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    trainer = make_trainer(cfg, resume=args.resume, progress=not args.no_progress)
     result = trainer.fit()
     cleanup()
     if trainer.dist.is_main:
@@ -190,23 +190,25 @@ def evaluate_trained(checkpoint, split: str = "val", data: str | None = None, da
     """What ``ctxseg eval`` prints: the metrics of a checkpoint, export or run folder on ``split``
     (plus the CAM and pseudo-label numbers on ``weak_split`` for weakly supervised models)."""
     from ctxseg.engine.distributed import resolve_device
-    from ctxseg.engine.evaluate import evaluate, load_trained
+    from ctxseg.engine.evaluate import evaluate
     from ctxseg.engine.loader import eval_loader
     from ctxseg.methods.wsss import WSSSConfig, evaluate_weak, weak_summary
+    from ctxseg.runs import open_run
 
     device = resolve_device(device)
-    model, cfg, meta = load_trained(checkpoint, device)
+    run = open_run(checkpoint, device=device)
+    model, cfg = run.model, run.cfg
     data = data or cfg.data
     ds = split_dataset(cfg, split, data, data_root)
-    if list(ds.info.class_names) != list(meta["class_names"]):
+    if list(ds.info.class_names) != run.class_names:
         raise ValueError(
-            f"the model was trained on classes {meta['class_names']} but {data} has {list(ds.info.class_names)}"
+            f"the model was trained on classes {run.class_names} but {data} has {list(ds.info.class_names)}"
         )
     bs = batch_size or DATASET_DEFAULTS.get(data, {}).get("eval_batch_size", cfg.eval_batch_size)
     loader = eval_loader(ds, bs, num_workers)
     result = evaluate(model, loader, ds.info, device, boundary_px or cfg.boundary_px, progress=progress)
     result.update(
-        {"data": data, "split": split, "checkpoint": meta["path"], "method": cfg.method, "step": meta["step"]}
+        {"data": data, "split": split, "checkpoint": str(run.path), "method": cfg.method, "step": run.step}
     )
     if isinstance(cfg, WSSSConfig):
         weak_ds = split_dataset(cfg, weak_split, data, data_root, require_masks=False)
@@ -228,10 +230,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ctxseg.engine.evaluate import export_safetensors, load_trained
+    from ctxseg.engine.evaluate import export_safetensors
+    from ctxseg.runs import open_run
 
-    model, cfg, meta = load_trained(args.checkpoint)
-    path = export_safetensors(model, cfg, meta["class_names"], args.out, meta["step"])
+    run = open_run(args.checkpoint)
+    path = export_safetensors(run.model, run.cfg, run.class_names, args.out, run.step)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -316,8 +319,8 @@ def cmd_demo(args) -> int:
     import time
     from pathlib import Path
 
-    from ctxseg.engine.trainer import Trainer
     from ctxseg.methods import get_method
+    from ctxseg.runs import trainer
     from ctxseg.viz.report import write_report
 
     out = Path(args.out)
@@ -334,7 +337,7 @@ def cmd_demo(args) -> int:
             print(f"[{k}/{len(cfgs)}] {name}: finished earlier, reusing {run}")
             continue
         print(f"[{k}/{len(cfgs)}] {name}: training {cfg.iters} steps -> {run}", flush=True)
-        Trainer(cfg, resume="auto", progress=not args.no_progress).fit()
+        trainer(cfg, resume="auto", progress=not args.no_progress).fit()
     print(f"training: {time.perf_counter() - start:.0f} s; writing the report", flush=True)
     report = write_report([c.out for c in cfgs.values()], out / "report.html", per_class=args.per_class,
                           title=f"ctxseg demo: {len(cfgs)} methods on synthetic scenes, {args.iters} steps each",
@@ -372,7 +375,7 @@ def _add_study(sub) -> None:
 
 def cmd_study(args) -> int:
     from ctxseg import study
-    from ctxseg.engine.trainer import Trainer
+    from ctxseg.runs import trainer
 
     specs = study.parse_method_specs(args.methods)
     reserved = sorted(set(parse_set(args.set)) & set(study.RESERVED))
@@ -389,7 +392,7 @@ def cmd_study(args) -> int:
             checked.add(key)
 
     def train(cfg):
-        Trainer(cfg, resume="auto", progress=not args.no_progress).fit()
+        trainer(cfg, resume="auto", progress=not args.no_progress).fit()
 
     def evaluator(path, split):
         return evaluate_trained(path, split, progress=not args.no_progress)

@@ -17,7 +17,7 @@ from ctxseg.methods import get_method
 if __name__ == "__main__":
     settings = json.loads(sys.argv[1])
     cfg = make_config(get_method(settings["method"]).config_class, settings.pop("data", "synthetic"), **settings)
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, get_method(cfg.method), progress=False)
     trainer.fit()
     state = {"model": trainer.model.state_dict(), "method": trainer.method.state_dict(), "step": trainer.step}
     torch.save(state, f"{cfg.out}/rank{trainer.dist.rank}.pt")

@@ -21,7 +21,7 @@ from ctxseg.viz import (
     results_table,
     run_confusion,
 )
-from ctxseg.viz.plots import BOUNDARY_ERROR, CORRECT, IGNORED, INTERIOR_ERROR
+from ctxseg.viz.errors import BOUNDARY_ERROR, CORRECT, IGNORED, INTERIOR_ERROR
 
 matplotlib.use("Agg")
 

@@ -327,7 +327,7 @@ def test_trains_in_the_trainer_and_deploys_without_heads(tmp_path):
         batch_size=4, iters=4, eval_every=0, log_every=1, num_workers=0, out=str(tmp_path / "run"),
         eval_batch_size=50,
     )
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, Contextrast, progress=False)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "contrast" in r]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ctxseg.config import make_config
 from ctxseg.data.base import DatasetInfo
 from ctxseg.viz import embeddings as E
-from ctxseg.viz.plots import edge_band
+from ctxseg.viz.errors import edge_band
 
 INFO = DatasetInfo("toy", ("a", "b", "c", "d"), ((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)), ignore_index=255)
 
@@ -237,13 +237,15 @@ def test_reproducible_umap_is_repeatable_and_separates_clusters():
 def test_pixel_embeddings_cache_is_keyed_by_the_checkpoint(tmp_path, monkeypatch):
     from ctxseg.engine.checkpoint import list_checkpoints, load_checkpoint
     from ctxseg.engine.trainer import Trainer
-    from ctxseg.methods.pixel_contrast import PixelContrastConfig
+    from ctxseg.methods.pixel_contrast import PixelContrast, PixelContrastConfig
+    from ctxseg.runs import open_run
 
     cfg = make_config(PixelContrastConfig, encoder="test_resnet", crop=(64, 64), synthetic_size=(64, 64),
                       synthetic_train_len=8, batch_size=4, iters=2, eval_every=0, num_workers=0,
                       eval_batch_size=50, out=str(tmp_path / "run"))
-    Trainer(cfg, progress=False).fit()
-    model, loaded, ckpt = E.load_run_model(tmp_path / "run")
+    Trainer(cfg, PixelContrast, progress=False).fit()
+    opened = open_run(tmp_path / "run", heads=True)
+    model, loaded, ckpt = opened.model, opened.cfg, opened.path
     assert E.feature_names(model) == ["decoder", "projection"] and loaded.method == "pixel_contrast"
     from ctxseg.engine.evaluate import eval_dataset
 

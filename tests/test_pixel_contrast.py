@@ -27,7 +27,7 @@ from ctxseg.methods.pixel_contrast import (
 )
 from ctxseg.models import Segmenter
 from ctxseg.models.segmenter import upsample_to
-from ctxseg.viz.runs import load_run
+from ctxseg.runs import load_run
 
 
 def blob_labels(B, h, w, C, seed, ignore_frac=0.05):
@@ -544,12 +544,12 @@ def test_resume_carries_the_memory_bank(tmp_path):
                   eval_batch_size=50, num_workers=0, device="cpu", iters=8, ckpt_every=4, memory=True,
                   memory_size=30, contrast_warmup=0.25, max_views=20)
     ref = Trainer(make_config(PixelContrastConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "a"), **common),
-                  progress=False)
+                  PixelContrast, progress=False)
     ref.fit()
     first = list_checkpoints(tmp_path / "a" / "ckpt")[0]
     assert first.name.endswith("4.pt")
     cfg = make_config(PixelContrastConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "b"), **common)
-    resumed = Trainer(cfg, resume=str(first), progress=False)
+    resumed = Trainer(cfg, PixelContrast, resume=str(first), progress=False)
     resumed.fit()
     assert ref.method.memory.pixel_count.sum() > 0 and ref.method.memory.pixel_ptr.sum() > 0
     for name, buf in ref.method.state_dict().items():
@@ -578,4 +578,4 @@ def test_config_class_names_its_method_and_a_mismatch_is_refused(tmp_path):
     assert make_config(PixelContrastConfig, "synthetic").method == "pixel_contrast"
     wrong = make_config(CEConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="PixelContrastConfig"):
-        Trainer(wrong, progress=False)
+        Trainer(wrong, PixelContrast, progress=False)

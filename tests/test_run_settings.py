@@ -17,7 +17,7 @@ from ctxseg.config import make_config, to_plain
 from ctxseg.engine import distributed as D
 from ctxseg.engine.distributed import DistInfo, default_num_workers, maybe_sync_bn, resolve_sync_bn
 from ctxseg.engine.trainer import Trainer
-from ctxseg.methods.ce import CEConfig
+from ctxseg.methods.ce import CEConfig, CrossEntropy
 from ctxseg.models.segmenter import Segmenter
 
 TINY = dict(encoder="test_resnet", crop=(32, 32), batch_size=2, synthetic_size=(32, 32), synthetic_train_len=4,
@@ -80,7 +80,7 @@ def test_maybe_sync_bn_converts_every_batch_norm_on_cuda_multiprocess_and_keeps_
 
 def test_sync_bn_true_on_cpu_is_a_one_line_note_and_plain_batch_norm(tmp_path, capsys):
     cfg = make_config(CEConfig, iters=1, out=str(tmp_path / "run"), sync_bn=True, **TINY)
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, CrossEntropy, progress=False)
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "sync_bn" in line]
     assert notes == [D.SYNC_BN_CPU_NOTE], err
@@ -89,7 +89,7 @@ def test_sync_bn_true_on_cpu_is_a_one_line_note_and_plain_batch_norm(tmp_path, c
     kinds = set(batch_norms(trainer.model))
     assert kinds == {nn.BatchNorm2d}, kinds
 
-    auto = Trainer(make_config(CEConfig, iters=1, out=str(tmp_path / "auto"), **TINY), progress=False)
+    auto = Trainer(make_config(CEConfig, iters=1, out=str(tmp_path / "auto"), **TINY), CrossEntropy, progress=False)
     assert "sync_bn" not in capsys.readouterr().err  # auto is simply off
     assert auto.cfg.sync_bn is False and set(batch_norms(auto.model)) == {nn.BatchNorm2d}
 
@@ -149,11 +149,11 @@ def test_config_yaml_holds_the_resolved_values_and_tensorboard_the_metrics(tmp_p
     out = tmp_path / "run"
     cfg = make_config(CEConfig, iters=4, eval_every=2, ckpt_every=2, out=str(out), tensorboard=True,
                       **{**TINY, "num_workers": None})
-    Trainer(cfg, progress=False).fit()
+    Trainer(cfg, CrossEntropy, progress=False).fit()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["num_workers"] == default_num_workers() and saved["sync_bn"] is False
     # Resumed from step 2: the events of steps 3 and 4 are written again, and each step shows once.
-    Trainer(cfg, resume=str(out / "ckpt" / "step_00000002.pt"), progress=False).fit()
+    Trainer(cfg, CrossEntropy, resume=str(out / "ckpt" / "step_00000002.pt"), progress=False).fit()
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if "miou" in r]

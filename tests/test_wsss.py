@@ -146,12 +146,12 @@ def test_the_trainer_gives_the_method_the_training_tag_frequencies(tmp_path):
     cfg = make_config(WSSSConfig, encoder="test_resnet", iters=1, crop=(32, 32), synthetic_size=(32, 32),
                       synthetic_train_len=24, out=str(tmp_path / "run"))
     assert cfg.cls_balance  # the synthetic scenes' default
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, WSSSCam)
     expected = trainer.train_set.image_tags().float().mean(0)
     assert torch.allclose(trainer.method.tag_frequency, expected)
     assert not torch.allclose(expected, torch.full_like(expected, 0.5))
     off = Trainer(make_config(WSSSConfig, encoder="test_resnet", iters=1, crop=(32, 32), synthetic_size=(32, 32),
-                              synthetic_train_len=24, out=str(tmp_path / "off"), cls_balance=False))
+                              synthetic_train_len=24, out=str(tmp_path / "off"), cls_balance=False), WSSSCam)
     assert torch.equal(off.method.tag_frequency, torch.full((8,), 0.5))  # never read
 
 
@@ -836,7 +836,7 @@ def test_group_centres_plot_says_so_when_no_pixel_has_a_pseudo_label():
     import matplotlib
 
     matplotlib.use("Agg")
-    from ctxseg.viz.plots import plot_group_centres
+    from ctxseg.viz.weak import plot_group_centres
 
     z = torch.randn(10, 4)
     fig = plot_group_centres(z, torch.full((10,), IGNORE_INDEX), torch.zeros(8, 4), torch.zeros(8, dtype=torch.bool),

@@ -1,5 +1,6 @@
 """Evaluation: full-resolution predictions -> confusion matrix and boundary IoU, all-reduced
-across ranks; and loading a trained model (checkpoint, safetensors file or run folder) for it."""
+across ranks; building a config's model and exporting its deployable weights. Opening a trained
+run (config, method, model, weights) is ``ctxseg.runs.open_run``, above the engine."""
 
 from __future__ import annotations
 
@@ -8,16 +9,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ctxseg.config import TrainConfig, apply_overrides, from_plain, to_plain
+from ctxseg.config import TrainConfig, to_plain
 from ctxseg.data import build_dataset, eval_transform
 from ctxseg.data.base import DatasetInfo
-from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ctxseg.engine.metrics import SegMetrics
-from ctxseg.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from ctxseg.models.segmenter import Segmenter
 
 
@@ -102,57 +100,3 @@ def export_safetensors(model: Segmenter, cfg: TrainConfig, class_names, path: st
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
-
-
-def trained_config(plain: dict) -> TrainConfig:
-    """The config of a trained model from its stored plain form (checkpoint or export metadata)."""
-    from ctxseg.methods import get_method
-
-    cfg = from_plain(get_method(plain.get("method", "ce")).config_class, plain)
-    if cfg.norm_mean is None or cfg.norm_std is None:
-        # Runs from before the setting existed were all normalised with ImageNet's statistics.
-        cfg = apply_overrides(cfg, {"norm_mean": IMAGENET_MEAN, "norm_std": IMAGENET_STD}, "checkpoint")
-    if cfg.pretrained is None:
-        cfg = apply_overrides(cfg, {"pretrained": False}, "checkpoint")  # its weights are loaded next
-    return cfg
-
-
-def load_trained(path: str | Path, device: torch.device | str = "cpu"):
-    """Load a deployable Segmenter from a ``.pt`` checkpoint, a ``.safetensors`` export, or a run
-    folder (its model.safetensors, else its newest checkpoint).
-
-    Returns:
-        (model in eval mode, resolved config, metadata dict with ``class_names`` and ``step``).
-    """
-    path = Path(path)
-    if path.is_dir():
-        exported = path / "model.safetensors"
-        ckpts = list_checkpoints(path / "ckpt")
-        if exported.is_file():
-            path = exported
-        elif ckpts:
-            path = ckpts[-1]
-        else:
-            raise CheckpointError(f"{path} holds neither model.safetensors nor ckpt/step_*.pt")
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise CheckpointError(f"model file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            weights = load_file(str(path))
-            plain = json.loads(meta["config"])
-            class_names = json.loads(meta["class_names"])
-        except Exception as e:  # noqa: BLE001 - safetensors and json raise many types
-            raise CheckpointError(f"{path} is not a readable ctxseg safetensors export ({e})") from None
-        step = int(meta.get("step", -1))
-    else:
-        state = load_checkpoint(path)
-        plain, weights = state["config"], state["model"]
-        class_names, step = state["class_names"], state["step"]
-    cfg = trained_config(plain)
-    model = build_model(cfg, len(class_names), load_pretrained=False)
-    weights = {k: v for k, v in weights.items() if not k.startswith("heads.")}
-    model.load_state_dict(weights, strict=True)
-    model.to(device).eval()
-    return model, cfg, {"class_names": class_names, "step": step, "path": str(path)}

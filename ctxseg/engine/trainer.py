@@ -42,7 +42,6 @@ from ctxseg.engine.checkpoint import (
 )
 from ctxseg.engine.evaluate import build_model, eval_dataset, evaluate, export_safetensors
 from ctxseg.engine.loader import ClassAwareBatchSampler, TrainBatchSampler, eval_loader, train_loader
-from ctxseg.methods import get_method
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -69,17 +68,21 @@ def poly_lr_lambda(total: int, warmup: int, power: float):
 
 
 class Trainer:
-    """Train ``cfg.method`` as ``cfg`` describes.
+    """Train ``method`` as ``cfg`` describes.
 
     Args:
         cfg: resolved config (the method's dataclass).
+        method: the method: its class (a ``ctxseg.methods.Method`` subclass; the trainer builds it
+            for the training set's classes and the run's length), or an instance built already.
+            The engine never looks a method up by name: ``ctxseg.methods.get_method(cfg.method)``
+            (or ``ctxseg.runs.trainer(cfg)``) does that above it.
         resume: ``None`` for a new run (refused if the run folder has checkpoints); ``"auto"``
             to continue from the newest checkpoint in the run folder (a fresh start if there is
             none yet); or a checkpoint path.
         progress: show tqdm progress bars (main process only).
     """
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, method, resume: str | None = None, progress: bool = True):
         # Automatic settings (weights, input normalisation, workers, sync BN) are resolved once and
         # stored with the run.
         asked_sync_bn = cfg.sync_bn
@@ -100,7 +103,7 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
         torch.manual_seed(cfg.seed)  # model init and the method's sampling draw from here
 
-        method_cls = get_method(cfg.method)
+        method_cls = method if isinstance(method, type) else type(method)
         self.train_set, self.val_set = build_datasets(cfg)
         if method_cls.needs_masks:
             self.train_set.check_masks(f"training {cfg.method!r} (fully supervised)")
@@ -119,7 +122,7 @@ class Trainer:
                 f"method {cfg.method!r} needs a {method_cls.config_class.__name__}, got a {type(cfg).__name__}; "
                 f"build it with make_config({method_cls.config_class.__name__}, ...)"
             )
-        self.method = method_cls(cfg, self.info, self.total_iters)
+        self.method = method_cls(cfg, self.info, self.total_iters) if method is method_cls else method
         self.method.prepare(self.train_set)
         self.method.to(self.device)
         self.model = build_model(cfg, self.info.num_classes, heads=self.method.heads).to(self.device)
@@ -343,27 +346,6 @@ class Trainer:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         D.barrier()
         return result
-
-
-def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True) -> dict:
-    """The notebooks' way to get a run: reuse it if it has finished (its ``eval.json``), resume it
-    if it was interrupted after a checkpoint, else train it. ``fresh`` deletes the run folder
-    first. Warns when a saved run was started with other settings. Returns the final metrics."""
-    asked = cfg.validate()
-    cfg = asked.resolved()
-    run_dir = default_run_dir(cfg)
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if (run_dir / "config.yaml").is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        ignored = ("out", *cfg.runtime_keys)
-        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v and k not in ignored)
-        if changed:
-            print(f"note: {run_dir} was started with other values for {changed}; delete it to retrain")
-    if (run_dir / "eval.json").is_file():
-        print(f"{run_dir} has finished: reusing it")
-        return json.loads((run_dir / "eval.json").read_text())
-    return Trainer(asked, resume="auto", progress=progress).fit()  # the Trainer resolves (and notes) itself
 
 
 def _parse_row(line: str) -> dict | None:

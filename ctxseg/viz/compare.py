@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ctxseg.models.pretrained import describe as describe_weights
-from ctxseg.viz.runs import load_run
+from ctxseg.runs import load_run
 
 # The settings that tell a method's variants apart, shown in the table's "variant" column.
 KEY_SETTINGS = {
@@ -182,10 +182,12 @@ def run_confusion(run: dict, reevaluate: bool = True, device: str = "cpu") -> tu
                        "pass reevaluate=True to compute it from the saved model")
     import torch
 
-    from ctxseg.engine.evaluate import eval_dataset, evaluate, load_trained
+    from ctxseg.engine.evaluate import eval_dataset, evaluate
     from ctxseg.engine.loader import eval_loader
+    from ctxseg.runs import open_run
 
-    model, cfg, _ = load_trained(run["path"], device)
+    opened = open_run(run["path"], device=device)
+    model, cfg = opened.model, opened.cfg
     dataset = eval_dataset(cfg, final.get("split", cfg.eval_split))
     loader = eval_loader(dataset, cfg.eval_batch_size, 0)
     result = evaluate(model, loader, dataset.info, torch.device(device), cfg.boundary_px, progress=False)

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from ctxseg.data.base import DatasetInfo
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
+# The feature each method's loss shapes: what a run is embedded with by default.
+DEFAULT_FEATURE = {"ce": "decoder", "pixel_contrast": "projection", "contextrast": "stage1",
+                   "wsss_cam": "decoder", "dscnet": "projection"}
 CACHE_VERSION = 1
 
 
@@ -81,7 +84,7 @@ def sample_pixels(dataset, per_class: int = 500, boundary_px: int = 3, seed: int
         raise ValueError(f"boundary_px must be >= 0, got {boundary_px}")
     from tqdm.auto import tqdm
 
-    from ctxseg.viz.plots import edge_band
+    from ctxseg.viz.errors import edge_band
 
     info: DatasetInfo = dataset.info
     k = info.num_classes
@@ -147,51 +150,6 @@ class Embeddings:
     @property
     def correct(self) -> np.ndarray:
         return self.pred == self.sample.label
-
-
-def checkpoint_path(run: str | Path) -> Path:
-    """The file ``load_run_model`` reads: a run folder's newest ``ckpt/step_*.pt``, else its
-    ``model.safetensors``; a ``.pt`` or ``.safetensors`` path is itself."""
-    from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints
-
-    run = Path(run)
-    if not run.is_dir():
-        return run
-    ckpts = list_checkpoints(run / "ckpt")
-    if ckpts:
-        return ckpts[-1]
-    if (run / "model.safetensors").is_file():
-        return run / "model.safetensors"
-    raise CheckpointError(f"{run} holds neither ckpt/step_*.pt nor model.safetensors")
-
-
-def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
-    """A run's model *with* its training-only heads (the projection heads live only in the
-    checkpoints, not in the exported model): its newest ``ckpt/step_*.pt``, or its exported
-    ``model.safetensors`` (decoder features only) when it has no checkpoint.
-
-    Returns (model in eval mode, config, checkpoint path).
-    """
-    from ctxseg.data import DATASETS
-    from ctxseg.engine.checkpoint import load_checkpoint
-    from ctxseg.engine.evaluate import build_model, load_trained, trained_config
-    from ctxseg.methods import get_method
-
-    ckpt = checkpoint_path(run)
-    if ckpt.suffix != ".pt":
-        model, cfg, _ = load_trained(ckpt, device)
-        return model, cfg, ckpt
-    state = load_checkpoint(ckpt)
-    cfg = trained_config(state["config"])
-    method_cls = get_method(cfg.method)
-    names = list(state["class_names"])
-    info = DATASETS[cfg.data].info
-    if list(info.class_names) != names:
-        raise ValueError(f"{ckpt}: class names {names} differ from dataset {cfg.data!r}'s {list(info.class_names)}")
-    method = method_cls(cfg, info, total_iters=cfg.iters or 0)
-    model = build_model(cfg, len(names), heads=method.heads, load_pretrained=False)
-    model.load_state_dict(state["model"], strict=True)
-    return model.to(device).eval(), cfg, ckpt
 
 
 def feature_names(model) -> list[str]:
@@ -312,22 +270,24 @@ def pixel_embeddings(run: str | Path, sample: PixelSample, feature: str = "decod
                      split: str | None = None, cache: bool = True, device: torch.device | str = "cpu",
                      progress: bool = True) -> Embeddings:
     """Embeddings of ``sample``'s pixels by ``run`` (a run folder, a ``.pt`` checkpoint or a
-    ``.safetensors`` export; see ``load_run_model``), cached in the run's ``cache/`` folder (or
+    ``.safetensors`` export; opened by ``ctxseg.runs.open_run(run, heads=True)``), cached in the run's ``cache/`` folder (or
     beside the file) under a key of the checkpoint's contents, the sampling and the feature.
 
     ``dataset`` is the dataset ``sample`` was drawn from (default: the run's ``split``, which
     defaults to its ``eval_split``). A cache hit reads neither the model nor the images.
     """
     from ctxseg.engine.evaluate import eval_dataset
+    from ctxseg.runs import open_run, run_file
 
-    key = _digest({"v": CACHE_VERSION, "ckpt": _file_digest(checkpoint_path(run)), "sample": sample.key(),
+    key = _digest({"v": CACHE_VERSION, "ckpt": _file_digest(run_file(run, heads=True)), "sample": sample.key(),
                    "feature": feature})
     path = _cache_dir(run) / f"emb-{key}.npz"
     if cache and path.is_file():
         with np.load(path) as z:
             return Embeddings(sample=sample, x=z["x"], pred=z["pred"], feature=feature,
                               normalized=bool(z["normalized"]), run=str(run), key=key)
-    model, cfg, _ = load_run_model(run, device)
+    opened = open_run(run, heads=True, device=device)
+    model, cfg = opened.model, opened.cfg
     dataset = dataset if dataset is not None else eval_dataset(cfg, split or cfg.eval_split)
     if _dataset_id(dataset) != sample.dataset:
         raise ValueError(f"the sample was drawn from {sample.dataset}, not from {_dataset_id(dataset)}; pass the "
@@ -472,6 +432,17 @@ def embedding_scores(x: np.ndarray, labels: np.ndarray, metric: str = "euclidean
     return {"silhouette": silhouette, "knn_accuracy": float((predicted == labels).mean())}
 
 
+def score_table(embs: Mapping[str, Embeddings], mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """``embedding_scores`` of each run's embeddings (name -> Embeddings) on the points of ``mask``
+    (default: all), plus ``accuracy``: the run's own segmentation accuracy on those pixels."""
+    rows = {}
+    for name, e in embs.items():
+        m = np.ones(len(e.x), bool) if mask is None else np.asarray(mask, bool)
+        rows[name] = embedding_scores(e.x[m], e.sample.label[m], metric=e.metric)
+        rows[name]["accuracy"] = float(e.correct[m].mean())
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Pictures
 def points_in_lasso(xy: np.ndarray, vertices: Sequence[tuple[float, float]]) -> np.ndarray:
@@ -516,7 +487,7 @@ def plot_embedding(xy: np.ndarray, emb: Embeddings, info: DatasetInfo, show: np.
     ``highlight``: indices ringed in black (a selection). Returns the PathCollection."""
     import matplotlib.pyplot as plt
 
-    from ctxseg.viz.plots import legend_handles
+    from ctxseg.viz.images import legend_handles
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
@@ -576,7 +547,7 @@ def show_pixel_locations(dataset, sample: PixelSample, indices: Sequence[int], i
     ``preds`` (name -> per-pixel predictions of the sample) adds how many each run got right."""
     import matplotlib.pyplot as plt
 
-    from ctxseg.viz.plots import overlay
+    from ctxseg.viz.images import overlay
 
     indices = np.asarray(indices, dtype=np.int64)
     if not len(indices):

@@ -9,13 +9,10 @@ import html
 import io
 from pathlib import Path
 
+from ctxseg.runs import load_run, open_run, run_file
 from ctxseg.viz.compare import results_table
-from ctxseg.viz.plots import plot_learning_curves, plot_per_class_iou, show_prediction_grid
-from ctxseg.viz.runs import load_run
-
-# The feature each method's loss shapes: what its UMAP panel shows.
-DEFAULT_FEATURE = {"ce": "decoder", "pixel_contrast": "projection", "contextrast": "stage1",
-                   "wsss_cam": "decoder", "dscnet": "projection"}
+from ctxseg.viz.curves import plot_learning_curves, plot_per_class_iou
+from ctxseg.viz.errors import show_prediction_grid
 
 
 def _png(fig) -> str:
@@ -37,7 +34,7 @@ def _same_data(runs: list[dict]) -> list[dict]:
 def _umap_section(same: list[dict], ds, per_class: int, progress: bool) -> list[str]:
     """The same pixels of ``ds`` embedded by every run of ``same``, side by side."""
     from ctxseg.viz.embeddings import (
-        checkpoint_path,
+        DEFAULT_FEATURE,
         embedding_scores,
         pixel_embeddings,
         plot_embeddings,
@@ -49,7 +46,7 @@ def _umap_section(same: list[dict], ds, per_class: int, progress: bool) -> list[
     layouts, scores = {}, {}
     for r in same:
         # The training heads live only in the checkpoints: an exported-only run has its decoder.
-        has_heads = checkpoint_path(r["path"]).suffix == ".pt"
+        has_heads = run_file(r["path"], heads=True).suffix == ".pt"
         feature = DEFAULT_FEATURE.get(r["config"].get("method"), "decoder") if has_heads else "decoder"
         emb = pixel_embeddings(r["path"], sample, feature, dataset=ds, progress=progress)
         layouts[r["name"]] = (umap_2d(emb, mode="reproducible", seed=0, progress=progress), emb)
@@ -78,7 +75,7 @@ def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctx
 
     ``umap``: add the UMAP section (``per_class`` pixels of each class of the first run's data).
     """
-    from ctxseg.engine.evaluate import eval_dataset, load_trained
+    from ctxseg.engine.evaluate import eval_dataset
 
     runs = [load_run(d) for d in run_dirs]
     runs = [r for r in runs if r["final"] is not None]
@@ -96,13 +93,13 @@ def write_report(run_dirs, out: str | Path, examples: int = 4, title: str = "ctx
         _png(plot_per_class_iou({r["name"]: r["final"] for r in runs})),
     ]
     same = _same_data(runs)
-    models = {r["name"]: load_trained(r["path"]) for r in same}
-    cfg = next(iter(models.values()))[1]
+    models = {r["name"]: open_run(r["path"]) for r in same}
+    cfg = next(iter(models.values())).cfg
     ds = eval_dataset(cfg, cfg.eval_split)
     if umap:
         parts += _umap_section(same, ds, per_class, progress)
     parts += [f"<h2>Example predictions ({cfg.eval_split})</h2>",
-              _png(show_prediction_grid({n: m[0] for n, m in models.items()}, ds, list(range(min(examples, len(ds))))))]
+              _png(show_prediction_grid({n: m.model for n, m in models.items()}, ds, list(range(min(examples, len(ds))))))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
