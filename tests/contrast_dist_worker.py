@@ -56,7 +56,7 @@ def sampling_streams(out_dir: Path) -> dict:
     cfg = make_config(PixelContrastConfig, encoder="test_resnet", crop=(32, 32), batch_size=4,
                       synthetic_size=(32, 32), synthetic_train_len=8, iters=2, num_workers=0, device="cpu",
                       max_views=3, anchors_per_image=6, out=str(out_dir / "streams"))
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, get_method(cfg.method), progress=False)
     rank = trainer.dist.rank
     states = all_gather_objects(torch.get_rng_state())
     g = torch.Generator().manual_seed(5)
