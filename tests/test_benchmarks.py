@@ -60,3 +60,17 @@ def test_weak_crops_reports_lost_tags_and_the_weak_default_loses_none():
     assert lines[0].startswith("supervised (CE)") and lines[1].startswith("weakly supervised"), out
     assert ": 0.0% of tags name a class the crop lost" in lines[1], out
     assert sum(line.startswith(("sky", "bird", "person")) for line in lines) == 3, out
+
+
+def test_cam_checkpoints_follows_a_weak_run_over_its_checkpoints(tmp_path):
+    run = tmp_path / "wsss"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    train = [sys.executable, "-m", "ctxseg", "train", "--method", "wsss_cam", "--encoder", "test_resnet",
+             "--iters", "2", "--ckpt-every", "1", "--crop", "32", "32", "--batch-size", "2", "--out", str(run),
+             "--no-progress", "--set", "synthetic_size=[32, 32]", "--set", "synthetic_train_len=8",
+             "--set", "num_workers=0", "--set", "pamr_iters=1"]
+    res = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = run_bench("cam_checkpoints.py", str(run), "--images", "2", "--classes", "sky").splitlines()
+    assert [line.split()[:2] for line in lines] == [["step", "1"], ["step", "2"]], lines
+    assert all("sky: IoU" in line and "its pixels ->" in line for line in lines), lines

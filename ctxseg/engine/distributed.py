@@ -145,21 +145,28 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def _padded_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``x`` (N_r, ...) padded with zero rows to the largest N over the ranks (at least 1: some
+    backends refuse 0 elements), and every rank's N in rank order (exchanged here)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    top = max(1, *sizes)
+    if x.shape[0] < top:
+        x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
+    return x.contiguous(), sizes
+
+
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (N_r, ...) of every rank along dim 0, in rank order; ``x`` itself when
     not distributed. Ranks may hold different N_r: rows are padded to the largest for the
     collective and trimmed afterwards. No gradient flows through (use it for detached keys)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(1, *sizes), *x.shape[1:]))  # never empty: some backends refuse 0 elements
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
+    padded, sizes = _padded_rows(x)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
@@ -181,6 +188,12 @@ def contrast_world(cfg) -> int:
     return dist.get_world_size()
 
 
+def contrast_gather(cfg):
+    """``all_gather_with_grad`` when the methods contrast across several processes
+    (``contrast_world`` > 1), else None: the ``gather`` argument of the methods' losses."""
+    return all_gather_with_grad if contrast_world(cfg) > 1 else None
+
+
 def all_gather_with_grad(x: torch.Tensor, same_shape: bool = False) -> list[torch.Tensor]:
     """Every rank's ``x`` (N_r, ...), in rank order, with the gradient flowing back to each rank's
     own ``x`` (``torch.distributed.nn.functional.all_gather``: the backward sums, over the ranks,
@@ -192,25 +205,22 @@ def all_gather_with_grad(x: torch.Tensor, same_shape: bool = False) -> list[torc
         return [x]
     from torch.distributed.nn.functional import all_gather
 
-    world = dist.get_world_size()
     if same_shape:
         return list(all_gather(x.contiguous()))
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    top = max(1, *sizes)  # never empty: some backends refuse 0 elements
-    if x.shape[0] < top:
-        x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
-    parts = all_gather(x.contiguous())
-    return [p[:s] for p, s in zip(parts, sizes)]
+    padded, sizes = _padded_rows(x)
+    return [p[:s] for p, s in zip(all_gather(padded), sizes)]
+
+
+def sum_gathered(gather, x: torch.Tensor) -> torch.Tensor:
+    """The sum over the processes of ``x`` (the same shape on every rank) through ``gather``, a
+    differentiable all-gather such as ``all_gather_with_grad`` (the gradient of every rank's loss
+    flows back to each rank's ``x``); ``x`` itself when ``gather`` is None."""
+    return x if gather is None else torch.cat(gather(x[None], same_shape=True)).sum(0)
 
 
 def all_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """The sum over the ranks of ``x`` (the same shape on every rank), differentiable: the
-    gradient of every rank's loss flows back to each rank's ``x``. ``x`` when not distributed."""
-    parts = all_gather_with_grad(x[None], same_shape=True)
-    return torch.cat(parts).sum(0) if len(parts) > 1 else x
+    """``sum_gathered`` through ``all_gather_with_grad``: ``x`` when not distributed."""
+    return sum_gathered(all_gather_with_grad, x)
 
 
 SAMPLING_SEED_STRIDE = 1_000_003

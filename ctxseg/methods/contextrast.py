@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxseg.config import TrainConfig
-from ctxseg.engine.distributed import all_gather_rows, all_gather_with_grad, contrast_world
+from ctxseg.engine.distributed import all_gather_rows, contrast_gather, contrast_world, sum_gathered
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.methods.pixel_contrast import downsample_labels
 from ctxseg.models.segmenter import Head
@@ -192,12 +192,6 @@ def inverse_norms(x: torch.Tensor, normalize: bool = True, proj=None) -> torch.T
 
 # ------------------------------------------------------------------------------------------------
 # Anchors
-def _sum(gather, x: torch.Tensor) -> torch.Tensor:
-    """The sum over the processes of ``x`` (the same shape everywhere), from ``gather`` (a
-    differentiable all-gather such as ``all_gather_with_grad``)."""
-    return torch.cat(gather(x[None], same_shape=True)).sum(0)
-
-
 def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: torch.Tensor | None = None,
                 proj=None, gather=None):
     """Per-class mean over the batch of the embeddings of (B, c, P) features ``x`` under ``proj``
@@ -215,7 +209,7 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: 
     weights = onehot if scale is None else onehot * scale[..., None]
     sums = Projection.sums(x, weights, proj)
     if gather is not None:
-        sums, counts = _sum(gather, sums), _sum(gather, counts)
+        sums, counts = sum_gathered(gather, sums), sum_gathered(gather, counts)
     return sums / counts.clamp(min=1)[:, None], counts.long()
 
 
@@ -385,7 +379,7 @@ def negative_mask(labels, preds, kept, num_classes, negatives="missed", gather=N
         neg = kept[None, :] & (preds[None, :] == classes) & other
     any_neg = neg.any(1, keepdim=True)
     if gather is not None:
-        any_neg = _sum(gather, any_neg.float()) > 0
+        any_neg = sum_gathered(gather, any_neg.float()) > 0
     empty = ~any_neg
     return torch.where(empty, other, neg)
 
@@ -436,7 +430,7 @@ def pixel_to_anchor_loss(
         counts = torch.bincount(y, minlength=C).to(s.dtype)
         sums = s.new_zeros(C).index_add(0, y, per_pixel)
         if gather is not None:
-            sums, counts = _sum(gather, sums + 0.0 * s.sum()), _sum(gather, counts)  # (+0 s: in the graph)
+            sums, counts = sum_gathered(gather, sums + 0.0 * s.sum()), sum_gathered(gather, counts)  # (+0 s: in the graph)
             if not bool((counts > 0).any()):
                 return sums.sum() * 0.0
         per_class = sums / counts.clamp(min=1)
@@ -474,10 +468,6 @@ class Contextrast(Method):
             for t in targets
         ]
 
-    def _gather(self):
-        """``all_gather_with_grad`` under ``gather_contrast`` with several processes, else None."""
-        return all_gather_with_grad if contrast_world(self.cfg) > 1 else None
-
     def anchors(self, out, targets, scales=None):
         """(anchors, present) of every stage (see ``representative_anchors``): over the global
         batch under ``gather_contrast``."""
@@ -485,7 +475,7 @@ class Contextrast(Method):
         return representative_anchors(
             [h.flatten(2) for h in out["stage_hidden"]], [t["labels"].flatten(1) for t in targets],
             self.info.num_classes, cfg.fusion, cfg.fusion_weight, cfg.normalize, cfg.detach_anchors, scales,
-            out["stage_proj"], self._gather(),
+            out["stage_proj"], contrast_gather(self.cfg),
         )
 
     def contrast(self, out, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -496,7 +486,7 @@ class Contextrast(Method):
         batch."""
         cfg = self.cfg
         C = self.info.num_classes
-        gather = self._gather()
+        gather = contrast_gather(self.cfg)
         targets = self.stage_targets(out, mask)
         hidden = [h.flatten(2) for h in out["stage_hidden"]]
         scales = [inverse_norms(h, cfg.normalize, p) for h, p in zip(hidden, out["stage_proj"])]

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxseg.data.base import IGNORE_INDEX
-from ctxseg.engine.distributed import all_gather_with_grad, contrast_world
+from ctxseg.engine.distributed import contrast_gather, sum_gathered
 from ctxseg.methods.pixel_contrast import BUDGETS, ProjectionHead, anchor_terms, class_counts, rank_in_groups
 from ctxseg.methods.wsss import WSSSCam, WSSSConfig, cam_masks
 from ctxseg.models.segmenter import Head
@@ -213,12 +213,6 @@ def graph_class_embeddings(z: torch.Tensor, classes: torch.Tensor, present: torc
 
 # ------------------------------------------------------------------------------------------------
 # PGCL
-def _sum(gather, x: torch.Tensor) -> torch.Tensor:
-    """The sum over the processes of ``x`` (the same shape everywhere), from ``gather`` (a
-    differentiable all-gather such as ``all_gather_with_grad``); ``x`` when ``gather`` is None."""
-    return x if gather is None else torch.cat(gather(x[None], same_shape=True)).sum(0)
-
-
 def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_classes: int, gather=None):
     """Confidence-weighted, L2-normalised class centres of pixel embeddings.
 
@@ -228,7 +222,7 @@ def group_centres(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, 
     reliable = labels != IGNORE_INDEX
     onehot = F.one_hot(torch.where(reliable, labels, 0), num_classes).to(z.dtype)
     w = onehot * (weights * reliable)[:, None]
-    sums, counts = _sum(gather, w.T @ z), _sum(gather, (onehot * reliable[:, None]).sum(0))
+    sums, counts = sum_gathered(gather, w.T @ z), sum_gathered(gather, (onehot * reliable[:, None]).sum(0))
     return F.normalize(sums, dim=1), counts > 0
 
 
@@ -277,7 +271,7 @@ def group_contrast(anchors: torch.Tensor, anchor_labels: torch.Tensor, centres: 
     if gather is not None:  # collectives: every process, with or without anchors
         logits = (anchors @ centres.T / temperature).masked_fill(~has_centre[None, :], float("-inf"))
         per_anchor = F.cross_entropy(logits[keep], anchor_labels[keep], reduction="sum") if bool(keep.any()) else 0.0
-        total = _sum(gather, torch.stack([per_anchor + 0.0 * (anchors.sum() + centres.sum()), keep.sum().float()]))
+        total = sum_gathered(gather, torch.stack([per_anchor + 0.0 * (anchors.sum() + centres.sum()), keep.sum().float()]))
         return total[0] / total[1].clamp(min=1)
     if not bool(keep.any()):
         return anchors.sum() * 0.0 + centres.sum() * 0.0
@@ -299,10 +293,6 @@ class DSCNet(WSSSCam):
                                     cfg.background_logit, cfg.detach_node_cams),
         }
 
-    def _gather(self):
-        """``all_gather_with_grad`` under ``gather_contrast`` with several processes, else None."""
-        return all_gather_with_grad if contrast_world(self.cfg) > 1 else None
-
     def graph_stream(self, out, tags, valid=None):
         """Node embeddings (N, d) after the GCN, normalised, and the node layout. Under
         ``gather_contrast`` with several processes the graph holds the nodes of every process
@@ -311,7 +301,7 @@ class DSCNet(WSSSCam):
         present, classes, images = node_layout(tags, self.info.background)
         h = node_embeddings(out, valid).float()
         h = h.reshape(-1, h.shape[-1])
-        gather = self._gather()
+        gather = contrast_gather(self.cfg)
         if gather is not None:
             layouts = gather(torch.stack([present.long(), classes, images], 1))
             offsets = [0]
@@ -349,7 +339,7 @@ class DSCNet(WSSSCam):
         cover the global batch: every process gets the terms a single process gets for it."""
         cfg = self.cfg
         c = self.info.num_classes
-        gather = self._gather()
+        gather = contrast_gather(self.cfg)
         z_nodes, present, classes, images = self.graph_stream(out, batch["tags"], weak["valid"])
         sgcl = node_contrast(z_nodes, classes, images, present, cfg.temperature)
         anchors, anchor_labels, z, y, conf = self.pixel_stream(out, weak)
