@@ -92,7 +92,8 @@ def dscnet_inputs(method, model, mask, rows):
         for layer in [*graph.mlp, *graph.gcn]:
             if isinstance(layer, torch.nn.Linear):
                 layer.bias.zero_()
-    out = {"features": features, "embed": F.normalize(embed_raw, dim=1), "logits": logits, "node_cams": cams,
+    identity = (torch.eye(method.cfg.proj_dim), torch.zeros(method.cfg.proj_dim))  # the head's last conv
+    out = {"features": features, "embed_hidden": embed_raw, "embed_proj": identity, "logits": logits, "node_cams": cams,
            "node_mlp": graph.mlp[-1], "gcn": graph.gcn}  # one linear layer: zero-mean nodes
     weak = {"labels": lab[rows], "refined": refined, "valid": None, "seg_on": True}
     return out, weak, [features, embed_raw]
@@ -100,7 +101,7 @@ def dscnet_inputs(method, model, mask, rows):
 
 def forward(model, method_name, image):
     out = model(image)
-    keys = {"contextrast": ["stage_hidden"], "pixel_contrast": ["embed"], "dscnet": ["embed", "features"]}[method_name]
+    keys = {"contextrast": ["stage_hidden"], "pixel_contrast": ["embed_hidden"]}[method_name]
     leaves = []
     for k in keys:
         for t in out[k] if isinstance(out[k], list) else [out[k]]:

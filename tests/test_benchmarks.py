@@ -36,7 +36,7 @@ def test_wsss_benchmark_reports_cam_and_pamr_against_the_forward_pass():
 
 
 def test_pixel_contrast_benchmark_compares_three_variants():
-    out = run_bench("bench_pixel_contrast.py", "--batch-size", "2", "--dim", "8", "--size", "32", "32",
+    out = run_bench("bench_pixel_contrast.py", "--batch-size", "2", "--dim", "8", "--hidden", "4", "--size", "32", "32",
                     "--classes", "4", "--repeats", "1", "--threads", "1")
     for name in ("vectorised", "loop-sampling", "loop"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), out

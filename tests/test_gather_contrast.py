@@ -7,8 +7,8 @@ process given the whole batch, and the gradients:
 
 - ``term``: each rank's contrastive term equals the single-process term;
 - ``rows``: each rank's gradient with respect to the embeddings / features the method reads
-  (Contextrast: the four stages' hidden maps; pixel contrast: the embedding map; DSCNet: the
-  decoder features and the embedding map), divided by the world size, equals the rows of the
+  (Contextrast: the four stages' hidden maps; pixel contrast: the projection head's hidden map; DSCNet:
+  the decoder features and the embedding map), divided by the world size, equals the rows of the
   single-process gradient for that rank's images (every rank's term is the whole batch's, so
   the gradient each rank gets for its share is world size x the single-process one);
 - ``params``: the mean over the ranks of the parameter gradients (what DDP's all-reduce gives)

@@ -21,8 +21,10 @@ from ctxseg.methods.pixel_contrast import (
     blocked_contrast_loss,
     contrast_loss,
     downsample_labels,
+    embedding_map,
     gather_anchors,
     memory_keys,
+    project_rows,
     sample_anchors,
 )
 from ctxseg.models import Segmenter
@@ -510,33 +512,67 @@ def test_memory_fills_during_warmup_and_is_read_after():
     assert terms["contrast"] > 0 and torch.isfinite(loss)
 
 
-def test_memory_contrast_in_the_method_matches_the_oracle():
-    # The method's contrast term and its gradient with respect to the embeddings, with the queues
-    # filled: equal to the oracle on the queues as they were before the step (the forward enqueues
-    # this batch's keys in place before the backward runs).
-    method, model, batch = _method_and_model(contrast_warmup=0.0, memory=True, memory_size=20)
+def _leaf_outputs(out):
+    """Copies of the head's hidden map and last conv as leaves: the graph the method builds on them."""
+    w, b = out["embed_proj"]
+    leaves = [t.detach().clone().requires_grad_() for t in (out["embed_hidden"], w, b)]
+    return {"logits": out["logits"], "embed_hidden": leaves[0], "embed_proj": tuple(leaves[1:])}, leaves
+
+
+def _oracle_anchor_embeddings(leaves, index):
+    """The anchors' rows of the whole embedding map, computed by the head's own conv and
+    ``F.normalize`` (what the method computes for the anchors only)."""
+    hidden, w, b = leaves
+    emb = F.normalize(F.conv2d(hidden, w[:, :, None, None], b), dim=1).flatten(2)
+    P = emb.shape[2]
+    return emb[index // P, :, index % P]
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_contrast_in_the_method_matches_the_oracle(memory):
+    # The method's contrast term and its gradients with respect to the head's hidden map and its
+    # last conv (the method projects only its anchors) equal the oracle's on the whole projected,
+    # normalised map. With memory, the queues filled: the oracle reads the queues as they were
+    # before the step (the forward enqueues this batch's keys in place before the backward runs).
+    method, model, batch = _method_and_model(contrast_warmup=0.0, memory=memory, memory_size=20)
     model.train()
     with torch.no_grad():
         out = model(batch["image"])
-    for _ in range(3):
-        method(out, batch, 0)  # fill the queues (class 0 wraps)
-    keys, key_labels = method.memory.keys()
-    assert len(set(key_labels.tolist())) >= 3
-    pixel_before = method.memory.pixel.clone()
-    emb = out["embed"].clone().requires_grad_()
+    keys = key_labels = None
+    if memory:
+        for _ in range(3):
+            method(out, batch, 0)  # fill the queues (class 0 wraps)
+        keys, key_labels = method.memory.keys()
+        assert len(set(key_labels.tolist())) >= 3
+        pixel_before = method.memory.pixel.clone()
+    got_out, got = _leaf_outputs(out)
     torch.manual_seed(5)
-    loss, terms = method({"logits": out["logits"], "embed": emb}, batch, 1)
-    assert not torch.equal(method.memory.pixel, pixel_before)  # enqueued in place, before the backward
+    loss, terms = method(got_out, batch, 1)
+    if memory:
+        assert not torch.equal(method.memory.pixel, pixel_before)  # enqueued in place, before the backward
     loss.backward()
     torch.manual_seed(5)
     a = method.sample(out, batch["mask"])
-    ref = out["embed"].clone().requires_grad_()
-    feats = ref.flatten(2)[a.index // 256, :, a.index % 256]
-    want = oracle.contrast_loss(feats, a.label, keys, key_labels)
-    (0.1 * want).backward()
-    assert terms["contrast"].item() == pytest.approx(want.item(), abs=1e-5, rel=1e-5)
-    torch.testing.assert_close(emb.grad, ref.grad, atol=1e-6, rtol=1e-5)
-    assert ref.grad.abs().sum() > 0
+    _, want = _leaf_outputs(out)
+    want_term = oracle.contrast_loss(_oracle_anchor_embeddings(want, a.index), a.label, keys, key_labels)
+    (0.1 * want_term).backward()
+    assert terms["contrast"].item() == pytest.approx(want_term.item(), abs=1e-5, rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.grad, w.grad, atol=1e-6, rtol=1e-5)
+        assert w.grad.abs().sum() > 0
+
+
+def test_embedding_map_is_the_heads_whole_output():
+    method, model, batch = _method_and_model()
+    model.train()  # the heads run in training
+    with torch.no_grad():
+        out = model(batch["image"])
+        want = F.normalize(model.heads["proj"].net(out["features"]), dim=1)  # the same batch statistics
+    torch.testing.assert_close(embedding_map(out), want, atol=1e-6, rtol=1e-5)
+    index = torch.randperm(want.shape[0] * want.shape[2] * want.shape[3])[:50]
+    rows = project_rows(gather_anchors(out["embed_hidden"].flatten(2), index), out["embed_proj"])
+    torch.testing.assert_close(rows, _oracle_anchor_embeddings([out["embed_hidden"], *out["embed_proj"]], index),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_resume_carries_the_memory_bank(tmp_path):

@@ -55,7 +55,14 @@ from torch import nn
 
 from ctxseg.data.base import IGNORE_INDEX
 from ctxseg.engine.distributed import contrast_gather, sum_gathered
-from ctxseg.methods.pixel_contrast import BUDGETS, ProjectionHead, anchor_terms, class_counts, rank_in_groups
+from ctxseg.methods.pixel_contrast import (
+    BUDGETS,
+    ProjectionHead,
+    anchor_terms,
+    class_counts,
+    embedding_map,
+    rank_in_groups,
+)
 from ctxseg.methods.wsss import WSSSCam, WSSSConfig, cam_masks
 from ctxseg.models.segmenter import Head
 
@@ -317,7 +324,7 @@ class DSCNet(WSSSCam):
 
     def pixel_stream(self, out, weak):
         """(anchor embeddings, anchor labels, pixel embeddings, pixel labels, pixel weights)."""
-        z = out["embed"].float()  # (B, d, h, w), L2-normalised by the head
+        z = embedding_map(out)  # (B, d, h, w), L2-normalised
         labels = weak["labels"]
         if labels.shape[-2:] != z.shape[-2:]:
             raise ValueError(f"pseudo labels {tuple(labels.shape)} and embeddings {tuple(z.shape)} differ in size")

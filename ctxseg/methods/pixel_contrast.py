@@ -2,7 +2,10 @@
 
 CE on the logits plus ``contrast_weight`` times a supervised contrastive loss over pixel
 embeddings from a training-only projection head (1x1 conv, BN, ReLU, 1x1 conv to ``proj_dim``,
-L2-normalised). Per step:
+L2-normalised). The head returns its last conv unapplied (``ProjectionHead``): the method projects
+and normalises only the anchors it contrasts (``project_rows``), so the embedding map is never
+materialised or backpropagated through in training (the memory bank's keys are read from the whole
+map computed without gradient). Per step:
 
 1. Labels are nearest-downsampled to the embedding grid; predictions are the argmax of the
    logits on that grid.
@@ -137,7 +140,14 @@ class PixelContrastConfig(TrainConfig):
 
 
 class ProjectionHead(Head):
-    """1x1 conv (c->c), BN, ReLU, 1x1 conv (c->dim), L2-normalised over channels: ``out["embed"]``."""
+    """1x1 conv (c->c), BN, ReLU, 1x1 conv (c->dim), then L2 normalisation over channels.
+
+    The last conv is linear, so the head returns it unapplied: ``out["embed_hidden"]``, the
+    (B, c, h, w) float32 map before it, and ``out["embed_proj"]``, its (weight (dim, c), bias (dim,)).
+    Pixel contrast projects only the pixels it contrasts (``project_rows``): the 256-d embedding
+    map, the largest tensor of the method, is never materialised, normalised or backpropagated
+    through in training. ``embedding_map(out)`` gives the whole normalised map (DSCNet's PGCL, the
+    memory bank's keys, plots)."""
 
     def __init__(self, in_channels: int, dim: int = 256):
         super().__init__()
@@ -149,7 +159,26 @@ class ProjectionHead(Head):
         )
 
     def forward(self, out):
-        return {"embed": F.normalize(self.net(out["features"]).float(), dim=1)}
+        last = self.net[-1]
+        return {"embed_hidden": self.net[:-1](out["features"]).float(),
+                "embed_proj": (last.weight.flatten(1).float(), last.bias.float())}
+
+
+def project_rows(x: torch.Tensor, proj) -> torch.Tensor:
+    """L2-normalised embeddings (M, dim) of (M, c) rows of the hidden map under the head's last
+    conv ``proj`` = (weight (dim, c), bias (dim,)), in float32."""
+    w, b = proj
+    with torch.autocast(x.device.type, enabled=False):
+        return F.normalize(torch.addmm(b.float(), x.float(), w.float().T), dim=1)
+
+
+def embedding_map(out) -> torch.Tensor:
+    """The (B, dim, h, w) L2-normalised embedding map of a segmenter output with
+    ``ProjectionHead``, in float32."""
+    w, b = out["embed_proj"]
+    hidden = out["embed_hidden"]
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.normalize(F.conv2d(hidden.float(), w.float()[:, :, None, None], b.float()), dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -703,11 +732,11 @@ class PixelContrast(Method):
         return {"proj": ProjectionHead(model.decoder_channels, self.cfg.proj_dim)}
 
     def grid(self, out, mask):
-        """Embeddings (B, D, P) on the embedding grid, labels (B, P) nearest-downsampled to it and
-        the grid size (h, w)."""
-        emb = out["embed"].float()
-        B, D, h, w = emb.shape
-        return emb.flatten(2), downsample_labels(mask, (h, w)).flatten(1), (h, w)
+        """The head's hidden map (B, c, P) before its last conv, labels (B, P) nearest-downsampled
+        to its grid and the grid size (h, w)."""
+        hidden = out["embed_hidden"]
+        B, c, h, w = hidden.shape
+        return hidden.flatten(2), downsample_labels(mask, (h, w)).flatten(1), (h, w)
 
     def sample(self, out, mask) -> Anchors:
         """Hard anchor sampling for one step: flat indices into the (B, h * w) embedding grid."""
@@ -729,9 +758,9 @@ class PixelContrast(Method):
         processes (``gathered_contrast_loss``); against the memory, the mean runs over the anchors
         of all processes. Either way every process gets the term of the global batch's anchors."""
         cfg = self.cfg
-        emb, labels, (h, w) = self.grid(out, mask)
+        hidden, labels, (h, w) = self.grid(out, mask)
         anchors = self._sample(out["logits"], labels, (h, w))  # labels already on the grid
-        feats = gather_anchors(emb, anchors.index)
+        feats = project_rows(gather_anchors(hidden, anchors.index), out["embed_proj"])  # only the anchors
         gather = contrast_world(cfg) > 1
         if self.memory is None:
             if gather:
@@ -751,17 +780,19 @@ class PixelContrast(Method):
         cfg = self.cfg
         mask = batch["mask"]
         ce = cross_entropy(out["logits"], mask)
-        emb, labels, (h, w) = self.grid(out, mask)
-
         if step >= self.warmup_steps:
             contrast, anchors = self.contrast(out, mask)
             counts = class_counts(anchors.label, self.info.num_classes)
-        else:
-            contrast = emb.sum() * 0.0 + 0.0  # (+0: no "-0.0" in the log) keeps the head in the graph (DDP)
-            counts = emb.new_zeros(self.info.num_classes)  # no sample during the warm-up
+        else:  # (+0: no "-0.0" in the log) keeps the head in the graph (DDP)
+            w, b = out["embed_proj"]
+            contrast = (out["embed_hidden"].sum() + w.sum() + b.sum()) * 0.0 + 0.0
+            counts = ce.new_zeros(self.info.num_classes, dtype=torch.float32)  # no sample during the warm-up
 
         if self.memory is not None:
-            pk, pl, rk, rl = memory_keys(emb.detach(), labels, self.info.num_classes, cfg.pixel_update_freq)
+            with torch.no_grad():
+                emb = embedding_map(out).flatten(2)
+            labels = downsample_labels(mask, out["embed_hidden"].shape[-2:]).flatten(1)
+            pk, pl, rk, rl = memory_keys(emb, labels, self.info.num_classes, cfg.pixel_update_freq)
             self.memory.push("pixel", all_gather_rows(pk), all_gather_rows(pl))
             self.memory.push("region", all_gather_rows(rk), all_gather_rows(rl))
 

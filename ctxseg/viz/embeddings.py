@@ -173,7 +173,9 @@ def _feature_map(model, out, feature: str) -> tuple[torch.Tensor, bool]:
     if feature == "decoder":
         return out["features"].float(), False
     if feature == "projection":
-        return out["embed"].float(), True
+        from ctxseg.methods.pixel_contrast import embedding_map
+
+        return embedding_map(out), True
     if feature in STAGES:
         from ctxseg.methods.contextrast import stage_embeddings
 
