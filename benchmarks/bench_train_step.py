@@ -11,8 +11,10 @@ Numbers are for comparison within one run on one machine; never assert on them i
 A method with a memory bank is timed with full queues (the steady state): they are filled before
 timing. For it the script also times, interleaved with the steps, the matrix products its loss
 cannot do without in float32 ("GEMMs only"): the similarities of one step's M anchors (sampled
-once, on this batch) to all K queue entries and the gradient back through them, 2 x 2 x M x K x D
-flops. ``--baseline REV`` also times every non-CE method as its module was at git revision REV
+once, on this batch) to all K queue entries and the gradient back through them: 2 x M x K x r
+flops for the similarities (r = the head's hidden width + 1 where the loss folds the head's last
+conv, ``fold_anchors``; else D), after the keys' product with the folded basis, and 2 x M x K x D
+for the gradient. ``--baseline REV`` also times every non-CE method as its module was at git revision REV
 (``spec@REV``), interleaved with the others: before/after in one run, e.g.
 
     python benchmarks/bench_train_step.py --methods ce pixel_contrast:memory=true,memory_size=5000 \
@@ -91,17 +93,23 @@ def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None):
 
     gemms = None
     if memory is not None and baseline is None:
+        from ctxseg.methods.pixel_contrast import fold_anchors
+
         model.train()
         with torch.no_grad():
             n_anchors = len(method.sample(model(batch["image"]), batch["mask"]))
         anchors = torch.nn.functional.normalize(torch.randn(n_anchors, dim), dim=1)
         queues = [q for c in range(C) for q in (memory.pixel[c], memory.region[c])]
+        c = model.decoder_channels
+        factors = fold_anchors(torch.randn(n_anchors, c), (torch.randn(dim, c), torch.randn(dim)), 2 * C * size)
+        r = dim if factors is None else c + 1
 
         def gemms():
+            coords, basis = (anchors, None) if factors is None else factors
             for q in queues:
-                (anchors @ q.T) @ q
+                (coords @ (q if basis is None else q @ basis).T) @ q
 
-        gemms.label = f"{n_anchors} anchors x {2 * C * size} keys x {dim}"
+        gemms.label = f"{n_anchors} anchors x {2 * C * size} keys, similarities at {r} dims, gradient at {dim}"
     return step, infer, sum(p.numel() for p in deployed.parameters()), gemms
 
 
@@ -149,7 +157,7 @@ def main() -> None:
     for spec, fn in gemms.items():
         ms = train_ms_all[("gemms", spec)]
         rt = f" = {ms / base[0]:.2f}x ce's step" if base else ""
-        print(f"  GEMMs only of {spec}'s loss ({fn.label}, similarities + gradient, float32): {ms:.1f} ms{rt}")
+        print(f"  GEMMs only of {spec}'s loss ({fn.label}, float32): {ms:.1f} ms{rt}")
 
 
 if __name__ == "__main__":

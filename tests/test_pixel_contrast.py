@@ -22,6 +22,7 @@ from ctxseg.methods.pixel_contrast import (
     contrast_loss,
     downsample_labels,
     embedding_map,
+    fold_anchors,
     gather_anchors,
     memory_keys,
     project_rows,
@@ -283,6 +284,33 @@ def test_blocked_loss_on_the_queues_matches_the_loop_oracle(T, T_base, norm, pat
     torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T,path", [(0.1, "unshifted"), (0.01, "shifted")])
+def test_folded_similarities_match_the_loop_oracle(T, path):
+    # Anchors e = normalize(W h + b) given with their factors: the loss and the gradients with
+    # respect to h, W and b equal the oracle's on the embeddings themselves.
+    bank = _filled_bank()
+    g = torch.Generator().manual_seed(12)
+    M, c, D = 24, 5, 16
+    y = torch.tensor([0] * 9 + [1] * 6 + [2] * 4 + [3] * 3 + [5] * 2)[torch.randperm(M, generator=g)]
+    leaves0 = [torch.randn(M, c, generator=g).relu(), torch.randn(D, c, generator=g), torch.randn(D, generator=g)]
+    got = [t.clone().requires_grad_() for t in leaves0]
+    want = [t.clone().requires_grad_() for t in leaves0]
+    feats = project_rows(got[0], (got[1], got[2]))
+    factors = fold_anchors(got[0], (got[1], got[2]), n_keys=100)
+    assert factors is not None and factors[0].shape == (M, c + 1) and factors[1].shape == (D, c + 1)
+    torch.testing.assert_close(factors[0] @ factors[1].T, feats.detach(), atol=1e-6, rtol=1e-5)
+    loss = blocked_contrast_loss(feats, y, bank.blocks(), T, 0.07, factors=factors)
+    loss.backward()
+    ref = oracle.contrast_loss(F.normalize(want[0] @ want[1].T + want[2], dim=1), y, *bank.keys(), T, 0.07)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    # Folding is skipped where it would not save work: as wide as the embeddings, or few anchors.
+    assert fold_anchors(torch.randn(M, D), (torch.randn(D, D), torch.randn(D)), n_keys=100) is None
+    assert fold_anchors(got[0][:2], (got[1], got[2]), n_keys=100) is None
+
+
 def test_blocked_loss_edge_cases():
     bank = _filled_bank()
     f = F.normalize(torch.randn(6, 16), dim=1)
@@ -529,12 +557,23 @@ def _oracle_anchor_embeddings(leaves, index):
 
 
 @pytest.mark.parametrize("memory", [False, True])
-def test_contrast_in_the_method_matches_the_oracle(memory):
+def test_contrast_in_the_method_matches_the_oracle(memory, monkeypatch):
     # The method's contrast term and its gradients with respect to the head's hidden map and its
     # last conv (the method projects only its anchors) equal the oracle's on the whole projected,
     # normalised map. With memory, the queues filled: the oracle reads the queues as they were
     # before the step (the forward enqueues this batch's keys in place before the backward runs).
-    method, model, batch = _method_and_model(contrast_warmup=0.0, memory=memory, memory_size=20)
+    import ctxseg.methods.pixel_contrast as pc
+
+    folds = []
+
+    def spy(*args, **kw):
+        folds.append(fold(*args, **kw))
+        return folds[-1]
+
+    fold = pc.fold_anchors
+    monkeypatch.setattr(pc, "fold_anchors", spy)
+    # 1024-d embeddings from the 128-d hidden map: the memory loss folds the head's last conv.
+    method, model, batch = _method_and_model(contrast_warmup=0.0, memory=memory, memory_size=20, proj_dim=1024)
     model.train()
     with torch.no_grad():
         out = model(batch["image"])
@@ -546,6 +585,7 @@ def test_contrast_in_the_method_matches_the_oracle(memory):
         assert len(set(key_labels.tolist())) >= 3
         pixel_before = method.memory.pixel.clone()
     got_out, got = _leaf_outputs(out)
+    folds.clear()
     torch.manual_seed(5)
     loss, terms = method(got_out, batch, 1)
     if memory:
@@ -560,6 +600,7 @@ def test_contrast_in_the_method_matches_the_oracle(memory):
     for g, w in zip(got, want):
         torch.testing.assert_close(g.grad, w.grad, atol=1e-6, rtol=1e-5)
         assert w.grad.abs().sum() > 0
+    assert [f is not None for f in folds] == ([True] if memory else [])
 
 
 def test_embedding_map_is_the_heads_whole_output():

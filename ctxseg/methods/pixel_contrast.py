@@ -417,15 +417,18 @@ def _in_batch_terms(f, y, temperature, base_temperature, need_grad):
 _UNSHIFTED_RANGE = (1e-20, 1e30)
 
 
-def _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted):
+def _negative_sums(qs_t, sim_blocks, key_blocks, classes, ranges, need_grad, shifted):
     """For each key class c (row j of the results) and each anchor i of another class: the shift
     m[j, i] (its row maximum over the class's keys with ``shifted``, else 0), L[j, i] = logsumexp_k
-    s_ik and V[j, i] = sum_k exp(s_ik - m[j, i]) k; 0 on the class's own anchors. Also whether the
-    unshifted sums stayed in ``_UNSHIFTED_RANGE`` (always True with ``shifted``)."""
-    M, D = fs_t.shape
-    shift = fs_t.new_zeros(len(classes), M)
-    lse = fs_t.new_zeros(len(classes), M)
-    v = fs_t.new_zeros(len(classes), M, D) if need_grad else None
+    s_ik and V[j, i] = sum_k exp(s_ik - m[j, i]) k; 0 on the class's own anchors. The similarities
+    are ``qs_t @ sim_blocks[c][t].T`` (the anchors / T against the keys, or their factors, see
+    ``_blocked_terms``), V sums the keys themselves. Also whether the unshifted sums stayed in
+    ``_UNSHIFTED_RANGE`` (always True with ``shifted``)."""
+    M = qs_t.shape[0]
+    D = next(iter(key_blocks.values()))[0].shape[1]
+    shift = qs_t.new_zeros(len(classes), M)
+    lse = qs_t.new_zeros(len(classes), M)
+    v = qs_t.new_zeros(len(classes), M, D) if need_grad else None
     sums, buffers = [], []  # buffers: one reused (M * n) buffer per block of a class
     for j, c in enumerate(classes):
         lo, hi = ranges.get(c, (0, 0))
@@ -434,11 +437,11 @@ def _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted):
             if r1 <= r0:
                 continue
             sims = []
-            for t, k in enumerate(blocks):
+            for t, k in enumerate(sim_blocks[c]):
                 if t == len(buffers) or buffers[t].numel() < M * len(k):
-                    buffers[t:t + 1] = [fs_t.new_empty(M * len(k))]
+                    buffers[t:t + 1] = [qs_t.new_empty(M * len(k))]
                 out = buffers[t][: (r1 - r0) * len(k)].view(r1 - r0, len(k))
-                sims.append(torch.mm(fs_t[r0:r1], k.T, out=out))
+                sims.append(torch.mm(qs_t[r0:r1], k.T, out=out))
             if shifted:
                 m = torch.stack([s.amax(1) for s in sims]).amax(0)
                 shift[j, r0:r1] = m
@@ -457,9 +460,14 @@ def _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted):
     return shift, lse, v, in_range
 
 
-def _blocked_terms(f, y, key_blocks, temperature, base_temperature, need_grad):
+def _blocked_terms(f, y, key_blocks, temperature, base_temperature, factors, need_grad):
     """(loss, dloss/df or None) of (M, D) float32 anchors against constant keys given per class:
-    ``key_blocks`` maps a class to a list of (n, D) float32 tensors."""
+    ``key_blocks`` maps a class to a list of (n, D) float32 tensors.
+
+    ``factors`` (None, or (coords (M, r), basis (D, r))) with f = coords @ basis.T and r < D (anchors that
+    are a linear map of shorter vectors, ``fold_anchors``): the similarities are computed as
+    coords . (k @ basis), r instead of D multiply-adds per anchor-key pair, after one (K, D) x
+    (D, r) product for the keys; the gradient still sums the keys themselves."""
     M, D = f.shape
     order, ranges = _class_ranges(y)
     n_keys = {c: sum(len(k) for k in ks) for c, ks in key_blocks.items()}
@@ -467,13 +475,19 @@ def _blocked_terms(f, y, key_blocks, temperature, base_temperature, need_grad):
     if n_with_pos == 0:
         return f.new_zeros(()), (torch.zeros_like(f) if need_grad else None)
     fs = f[order]
-    fs_t = fs * (1.0 / temperature)
+    if factors is None:
+        qs_t, sim_blocks = fs * (1.0 / temperature), key_blocks
+    else:
+        coords, basis = factors
+        qs_t = coords.detach().float()[order] * (1.0 / temperature)
+        basis = basis.detach().float()
+        sim_blocks = {c: [k @ basis for k in ks] for c, ks in key_blocks.items()}
     classes = list(key_blocks)
     # Negatives: each class's sums, unshifted (one pass less) unless they leave the safe range
     # (tiny temperatures, long vectors): then again, each block shifted by its row maximum.
-    shift, lse, v, in_range = _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted=False)
+    shift, lse, v, in_range = _negative_sums(qs_t, sim_blocks, key_blocks, classes, ranges, need_grad, shifted=False)
     if not in_range:
-        shift, lse, v, _ = _negative_sums(fs_t, key_blocks, classes, ranges, need_grad, shifted=True)
+        shift, lse, v, _ = _negative_sums(qs_t, sim_blocks, key_blocks, classes, ranges, need_grad, shifted=True)
     own = torch.tensor(classes, dtype=y.dtype, device=y.device)[:, None] == y[order][None, :]  # (C', M)
     lse_neg = torch.logsumexp(lse.masked_fill(own, NEG_INF), 0)  # -inf without negatives
     n_pos = f.new_zeros(M)
@@ -485,8 +499,8 @@ def _blocked_terms(f, y, key_blocks, temperature, base_temperature, need_grad):
     w = f.new_zeros(M)
     g_pos = f.new_zeros(M, D) if need_grad else None
     for c, (lo, hi) in ranges.items():
-        for k in key_blocks.get(c, ()):
-            x = (fs_t[lo:hi] @ k.T).neg_().add_(lse_neg[lo:hi, None])
+        for k, ks in zip(key_blocks.get(c, ()), sim_blocks.get(c, ())):
+            x = (qs_t[lo:hi] @ ks.T).neg_().add_(lse_neg[lo:hi, None])
             per_anchor[lo:hi] += F.softplus(x).sum(1)
             if need_grad:
                 sg = torch.sigmoid(x)
@@ -557,19 +571,40 @@ def blocked_contrast_loss(
     key_blocks,
     temperature: float = 0.1,
     base_temperature: float = 0.07,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``contrast_loss`` of (M, D) anchors against constant keys grouped by class: ``key_blocks``
     is a sequence of ``(class, keys)`` with ``keys`` one (n, D) tensor or a list of them (a class
     may appear more than once; empty tensors are skipped). The keys are read where they are (e.g.
     ``MemoryBank.blocks()``, views of the queues), never copied; each anchor-key similarity is
-    computed once and no (M, K) matrix is held."""
+    computed once and no (M, K) matrix is held. ``factors``: the anchors' ``fold_anchors`` (their
+    similarities computed in fewer dimensions; constants, the gradient flows through ``anchors``)."""
     blocks: dict[int, list[torch.Tensor]] = {}
     for c, ks in key_blocks:
         for k in [ks] if torch.is_tensor(ks) else ks:
             if len(k):
                 blocks.setdefault(int(c), []).append(k.detach().float())
     with torch.autocast(anchors.device.type, enabled=False):
-        return _EagerGrad.apply(anchors.float(), _blocked_terms, anchor_labels, blocks, temperature, base_temperature)
+        return _EagerGrad.apply(anchors.float(), _blocked_terms, anchor_labels, blocks, temperature, base_temperature,
+                                factors)
+
+
+def fold_anchors(rows: torch.Tensor, proj, n_keys: int):
+    """Factors (coords (M, c + 1), basis (D, c + 1)) of the normalised embeddings of (M, c) hidden
+    rows under the head's last conv ``proj`` = (W (D, c), b (D,)): e = (W h + b) / ||W h + b|| =
+    coords @ basis.T with coords = [h, 1] / ||W h + b|| and basis = [W, b]. None when folding
+    would not save work against ``n_keys`` keys (c + 1 >= D, or the keys' product with the basis,
+    K D (c + 1) multiply-adds, costs more than the M K (D - c - 1) it saves)."""
+    w, b = (t.detach().float() for t in proj)
+    M, c = rows.shape
+    D = w.shape[0]
+    if c + 1 >= D or M * (D - c - 1) <= D * (c + 1):
+        return None
+    with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
+        h = rows.detach().float()
+        norms = torch.addmm(b, h, w.T).norm(dim=1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
+        coords = torch.cat([h, torch.ones_like(h[:, :1])], 1) / norms
+        return coords, torch.cat([w, b[:, None]], 1)
 
 
 def in_batch_share(keys: torch.Tensor, labels: torch.Tensor, lo: int, hi: int, temperature: float = 0.1,
@@ -760,7 +795,8 @@ class PixelContrast(Method):
         cfg = self.cfg
         hidden, labels, (h, w) = self.grid(out, mask)
         anchors = self._sample(out["logits"], labels, (h, w))  # labels already on the grid
-        feats = project_rows(gather_anchors(hidden, anchors.index), out["embed_proj"])  # only the anchors
+        rows = gather_anchors(hidden, anchors.index)
+        feats = project_rows(rows, out["embed_proj"])  # only the anchors
         gather = contrast_world(cfg) > 1
         if self.memory is None:
             if gather:
@@ -768,8 +804,10 @@ class PixelContrast(Method):
             else:
                 contrast = contrast_loss(feats, anchors.label, None, None, cfg.temperature, cfg.base_temperature)
         else:  # the gradient is computed in the forward: the queues may be updated in place after it
-            contrast = blocked_contrast_loss(feats, anchors.label, self.memory.blocks(), cfg.temperature,
-                                             cfg.base_temperature)
+            blocks = self.memory.blocks()
+            n_keys = sum(len(k) for _, ks in blocks for k in ks)
+            contrast = blocked_contrast_loss(feats, anchors.label, blocks, cfg.temperature, cfg.base_temperature,
+                                             factors=fold_anchors(rows, out["embed_proj"], n_keys))
             if gather:  # the mean over the anchors with a positive of every process
                 n = ((self.memory.pixel_count + self.memory.region_count) > 0)[anchors.label].sum().float()
                 total = all_sum_with_grad(torch.stack([contrast * n, n]))
