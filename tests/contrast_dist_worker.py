@@ -15,7 +15,8 @@
      (retained on the model's outputs), divided by the world size, against the single-process
      gradient's rows for that rank's images;
    - ``params``: the mean over the ranks of the model's parameter gradients (what DDP gives)
-     against the single-process parameter gradients.
+     against the single-process parameter gradients;
+   - ``anchors`` (pixel contrast): the anchor count the forward logs.
 
    and the same with ``gather_contrast`` off on the halves (which must differ).
    Rank 0 writes OUT/results.json: per case the largest relative errors.
@@ -154,11 +155,15 @@ def run_case(method_name: str, settings: dict, info: DatasetInfo, rank: int, wor
         grads = [t.grad for t in leaves]
         params = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
         terms.append(term.item())
-        return term.detach(), grads, params
+        anchors = None
+        if method_name == "pixel_contrast":  # the anchors the forward logs
+            with torch.no_grad():
+                anchors = method(out, {k: v[rows] for k, v in batch.items()}, 10**6)[1]["anchors"].item()
+        return term.detach(), grads, params, anchors
 
-    single_term, single_grads, single_params = run(False, slice(None))
+    single_term, single_grads, single_params, single_anchors = run(False, slice(None))
     for gather in (True, False):
-        term, grads, params = run(gather, share)
+        term, grads, params, anchors = run(gather, share)
         for p in params.values():  # the mean over the ranks, as DDP takes it
             dist.all_reduce(p)
             p /= world
@@ -168,8 +173,10 @@ def run_case(method_name: str, settings: dict, info: DatasetInfo, rank: int, wor
             "rows": max(rel_err(gr / world, sg[share]) for gr, sg in zip(grads, single_grads)),
             "params": max(rel_err(params[n], single_params[n]) for n in single_params
                           if single_params[n].abs().max() > 0),
+            "anchors": anchors,
         }
     results["single_term"] = single_term.item()
+    results["single_anchors"] = single_anchors
     return results
 
 

@@ -69,6 +69,8 @@ def test_gathered_contrast_equals_one_process_on_the_whole_batch(results, case):
         assert on["params"] < 2e-4, (case, on)
         # Off, each process contrasts its own share: another term, other gradients.
         assert off["term"] > 1e-5 and off["rows"] > 1e-2 and off["params"] > 1e-2, (case, off)
+        if rank[case]["single_anchors"] is not None:  # the logged anchors: the global sample, or the own share
+            assert on["anchors"] == rank[case]["single_anchors"] > off["anchors"] > 0, (case, on, off)
 
 
 @pytest.mark.timeout(300)

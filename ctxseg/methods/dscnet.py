@@ -366,5 +366,6 @@ class DSCNet(WSSSCam):
         pgcl, sgcl, anchor_labels = self.contrast(out, batch, weak)
         loss = loss + (cfg.pgcl_weight if weak["seg_on"] else 0.0) * pgcl + cfg.sgcl_weight * sgcl
         terms.update({"pgcl": pgcl.detach(), "sgcl": sgcl.detach()})
-        terms.update(anchor_terms(class_counts(anchor_labels, c), self.info.class_names, cfg.log_class_anchors))
+        terms.update(anchor_terms(class_counts(anchor_labels, c), self.info.class_names, cfg.log_class_anchors,
+                                  contrast_gather(cfg)))
         return loss, terms

@@ -47,7 +47,8 @@ process's anchors are the queries of its share of the loss, ``gathered_contrast_
 anchor meets more negatives than in the reference, whose set is a GPU's own anchors (memory off);
 ``gather_contrast=false``: the process's own anchors.
 The forward logs how many anchors each class got (``anchors/<class>``, see
-``log_class_anchors``); under torchrun these are rank 0's own sample.
+``log_class_anchors``); under torchrun with ``gather_contrast``, summed over the processes (the
+sample the loss contrasts over), else the logging process's own sample.
 
 Everything is vectorised over images, classes and anchors: groups are formed with one random
 permutation and one stable sort, never a Python loop. Similarities are computed in float32.
@@ -64,7 +65,14 @@ from torch.autograd.function import once_differentiable
 
 from ctxseg.config import TrainConfig
 from ctxseg.data.base import IGNORE_INDEX
-from ctxseg.engine.distributed import all_gather_rows, all_gather_with_grad, all_sum_with_grad, contrast_world
+from ctxseg.engine.distributed import (
+    all_gather_rows,
+    all_gather_with_grad,
+    all_sum_with_grad,
+    contrast_gather,
+    contrast_world,
+    sum_gathered,
+)
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.models.segmenter import Head, upsample_to
 
@@ -310,11 +318,14 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
 
 
-def anchor_terms(counts: torch.Tensor, class_names, max_classes: int) -> dict[str, torch.Tensor]:
+def anchor_terms(counts: torch.Tensor, class_names, max_classes: int, gather=None) -> dict[str, torch.Tensor]:
     """Log terms for (C,) per-class anchor ``counts``: ``anchors`` (all), ``anchor_classes``
     (classes with at least one anchor) and, when there are at most ``max_classes`` classes,
     ``anchors/<class name>`` for every class (the same keys every step, so no host sync decides
-    them). Tensors: the trainer reads them on logging steps only."""
+    them). Tensors: the trainer reads them on logging steps only. ``gather`` (the method's
+    ``contrast_gather``): the counts of every process summed, the sample of the global batch the
+    loss contrasts over (every process must call it)."""
+    counts = sum_gathered(gather, counts.detach()) if gather is not None else counts
     terms = {"anchors": counts.sum(), "anchor_classes": (counts > 0).sum().float()}
     if len(class_names) <= max_classes:
         terms.update({f"anchors/{name}": counts[k] for k, name in enumerate(class_names)})
@@ -836,5 +847,5 @@ class PixelContrast(Method):
 
         loss = ce + cfg.contrast_weight * contrast
         terms = {"ce": ce.detach(), "contrast": contrast.detach()}
-        terms.update(anchor_terms(counts, self.info.class_names, cfg.log_class_anchors))
+        terms.update(anchor_terms(counts, self.info.class_names, cfg.log_class_anchors, contrast_gather(cfg)))
         return loss, terms
