@@ -9,6 +9,7 @@ prints them with their defaults.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -370,12 +371,23 @@ def _add_study(sub) -> None:
                    "evaluated on another split are evaluated on it (eval-NAME.json), not retrained")
     p.add_argument("--summarize-only", action="store_true",
                    help="train nothing: summarize the finished runs and list the missing ones")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process (on a CPU, several 1-thread runs "
+                   "finish a study sooner than one multi-threaded run at a time); default 1")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads per run with --jobs > 1 (default: the CPUs divided among the jobs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _train_study_run(cfg, progress: bool) -> None:
+    """One study run, resumed from its newest checkpoint (module level: ``--jobs`` pickles it)."""
+    from ctxseg.runs import trainer
+
+    trainer(cfg, resume="auto", progress=progress).fit()
 
 
 def cmd_study(args) -> int:
     from ctxseg import study
-    from ctxseg.runs import trainer
 
     specs = study.parse_method_specs(args.methods)
     reserved = sorted(set(parse_set(args.set)) & set(study.RESERVED))
@@ -391,14 +403,16 @@ def cmd_study(args) -> int:
             check_run_data(run.cfg)
             checked.add(key)
 
-    def train(cfg):
-        trainer(cfg, resume="auto", progress=not args.no_progress).fit()
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        raise ValueError(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
+    train = functools.partial(_train_study_run, progress=not args.no_progress and args.jobs == 1)
 
     def evaluator(path, split):
         return evaluate_trained(path, split, progress=not args.no_progress)
 
     summary = study.run_study(runs, specs, args.seeds, args.out, split, train=train, evaluator=evaluator,
-                              summarize_only=args.summarize_only, argv=getattr(args, "argv", None))
+                              summarize_only=args.summarize_only, argv=getattr(args, "argv", None), jobs=args.jobs,
+                              threads=args.threads)
     for spec, e in summary["methods"].items():
         miou = study.fmt_mean_std(e["mean"]["miou"], e["std"]["miou"])
         print(f"{spec:24s} {len(e['seeds'])} seeds, {split}: mIoU {miou}")

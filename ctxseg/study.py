@@ -497,22 +497,91 @@ def evaluate_on_split(path: str | Path, split: str, evaluator: Callable[[Path, s
     return file
 
 
+def _timed_job(train: Callable[[Any], None], cfg, threads: int) -> float:
+    """One training in a worker process of a parallel study: ``threads`` torch threads; its wall
+    time in seconds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    train(cfg)
+    return time.perf_counter() - start
+
+
+def job_resources(jobs: int, threads: int | None = None, cpus: int | None = None) -> tuple[int, int]:
+    """(torch threads, DataLoader workers) for each of ``jobs`` concurrent trainings: the CPUs
+    divided among them (``threads`` when given), and ``default_num_workers`` as if the jobs were
+    processes of one torchrun."""
+    from ctxseg.engine.distributed import available_cpus, default_num_workers
+
+    cpus = available_cpus() if cpus is None else cpus
+    return threads or max(1, cpus // jobs), default_num_workers(cpus, local_world_size=jobs)
+
+
+def _train_all(todo: Sequence[tuple[Run, str]], train: Callable[[Any], None], jobs: int, threads: int | None,
+               log) -> None:
+    """Train ``todo`` ((run, verb) pairs), ``jobs`` at a time in fresh worker processes when
+    ``jobs`` > 1 (``train`` must then be picklable: a module-level function or a partial of one).
+    A run that fails does not stop the others; the failures are raised together at the end."""
+    if jobs <= 1:
+        for run, verb in todo:
+            start = time.perf_counter()
+            train(run.cfg)
+            record_time(run.dir, verb, time.perf_counter() - start)
+        return
+    import dataclasses
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    n_threads, n_workers = job_resources(jobs, threads)
+    log(f"{len(todo)} run(s) to train, {jobs} at a time, {n_threads} torch thread(s) each", flush=True)
+    failed = []
+    # spawn: a fresh interpreter per run (no forked OpenMP state, memory returned after each run).
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = {}
+        for run, verb in todo:
+            cfg = run.cfg
+            if cfg.num_workers is None:  # a runtime key: the run's results do not depend on it
+                cfg = dataclasses.replace(cfg, num_workers=n_workers)
+            futures[pool.submit(_timed_job, train, cfg, n_threads)] = (run, verb)
+        for future in as_completed(futures):
+            run, verb = futures[future]
+            try:
+                seconds = future.result()
+            except Exception as e:  # noqa: BLE001 -- reported with the run it belongs to
+                failed.append(f"{run.spec.spec} seed {run.seed}: {type(e).__name__}: {e}")
+                log(f"{run.spec.spec} seed {run.seed}: failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            record_time(run.dir, verb, seconds)
+            log(f"{run.spec.spec} seed {run.seed}: trained in {seconds:.0f} s -> {run.dir}", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} run(s) failed (the others are kept; run the study again "
+                           "to resume them): " + "; ".join(failed))
+
+
 def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path,
               split: str, *, train: Callable[[Any], None], evaluator: Callable[[Path, str], dict],
-              summarize_only: bool = False, argv: Sequence[str] | None = None, log=print) -> dict:
+              summarize_only: bool = False, argv: Sequence[str] | None = None, log=print, jobs: int = 1,
+              threads: int | None = None) -> dict:
     """Train (or reuse, or resume) every run in order, evaluate finished runs on ``split`` where
     they were evaluated on another, then write the summary. ``train(cfg)`` trains one run,
-    resuming from its newest checkpoint; ``evaluator(run folder, split)`` returns the metrics."""
+    resuming from its newest checkpoint; ``evaluator(run folder, split)`` returns the metrics.
+    ``jobs`` > 1 trains that many runs at once, each in its own process with ``threads`` torch
+    threads (default: the CPUs divided among the jobs; see ``_train_all``)."""
     check_run_folders(runs)
     if not summarize_only:
+        todo = []
         for k, run in enumerate(runs, 1):
             state = run_state(run.dir)
             verb = {"finished": "reusing", "started": "resuming", "new": "training"}[state]
             log(f"[{k}/{len(runs)}] {run.spec.spec} seed {run.seed}: {verb} -> {run.dir}", flush=True)
             if state != "finished":
-                start = time.perf_counter()
-                train(run.cfg)
-                record_time(run.dir, verb, time.perf_counter() - start)
+                if jobs <= 1:  # one at a time, as listed
+                    _train_all([(run, verb)], train, 1, threads, log)
+                else:
+                    todo.append((run, verb))
+        if todo:
+            _train_all(todo, train, jobs, threads, log)
     for run in runs:
         if run_state(run.dir) == "finished" and eval_file(run.dir, split) is None:
             log(f"{run.spec.spec} seed {run.seed}: evaluating on split {split!r} -> {run.dir / f'eval-{split}.json'}",

@@ -12,6 +12,7 @@ from ctxseg.study import (
     NO_INTERVAL,
     NOISE,
     collect_results,
+    job_resources,
     paired_interval,
     parse_method_spec,
     parse_method_specs,
@@ -220,6 +221,36 @@ def test_study_trains_every_run_seed_major_and_writes_the_summary(tiny_study, ca
     assert summary["argv"][:4] == ["study", "--methods", *METHODS]
     md = (out / "summary.md").read_text()
     assert "| `contextrast:bane=false` | 2 |" in md and "## Training time" in md
+
+
+@pytest.mark.slow
+def test_parallel_jobs_train_the_same_runs_as_one_at_a_time(tiny_study, tmp_path, capsys):
+    # --jobs 2: the runs train two at a time in their own processes (2 torch threads each, as the
+    # one-at-a-time study had): the same weights and metrics, and the same files per run.
+    import torch
+
+    out = tmp_path / "parallel"
+    assert study(out, "--jobs", "2", "--threads", "2") == 0
+    log = capsys.readouterr().out
+    assert "4 run(s) to train, 2 at a time, 2 torch thread(s) each" in log
+    for folder in ("ce", "contextrast-bane=false"):
+        for seed in (0, 1):
+            a, b = tiny_study / folder / f"s{seed}", out / folder / f"s{seed}"
+            assert json.loads((b / "study_time.json").read_text())["sessions"][0]["action"] == "training"
+            assert f"seed {seed}: trained in " in log
+            wa, wb = (torch.load(r / "ckpt" / "step_00000004.pt", weights_only=False)["model"] for r in (a, b))
+            for k in wa:
+                torch.testing.assert_close(wb[k], wa[k], msg=k)
+            ea, eb = (json.loads((r / "eval.json").read_text()) for r in (a, b))
+            assert eb["miou"] == pytest.approx(ea["miou"], abs=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == [] and summary["paired"]["contextrast:bane=false"]["miou"]["n"] == 2
+
+
+def test_job_resources_divide_the_cpus():
+    assert job_resources(2, cpus=8) == (4, 3)
+    assert job_resources(3, cpus=2) == (1, 1)
+    assert job_resources(2, threads=1, cpus=16) == (1, 7)
 
 
 @pytest.mark.slow
