@@ -32,6 +32,7 @@ def build_model(cfg: TrainConfig, num_classes: int, heads=None, load_pretrained:
         heads=heads,
         norm=(cfg.norm_mean, cfg.norm_std),
         freeze_encoder_bn=cfg.freeze_encoder_bn,
+        channels_last=cfg.channels_last,
     )
 
 

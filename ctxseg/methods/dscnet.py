@@ -149,7 +149,13 @@ def node_embeddings(out, valid: torch.Tensor | None = None) -> torch.Tensor:
     features over the image's pixels (``valid`` (B, h, w) on the features' grid; all when None),
     through the node MLP."""
     cams = out["node_cams"] if valid is None else out["node_cams"] * valid[:, None]
-    return out["node_mlp"](node_features(out["features"].float(), cams))
+    features = at_least_float32(out["features"])
+    return out["node_mlp"](node_features(features, cams.to(features.dtype)))
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in its own precision where that is higher (float64: the layout test)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def node_features(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -306,7 +312,7 @@ class DSCNet(WSSSCam):
         (gathered with their gradient, images numbered over the global batch), so every process
         runs the GCN of the global batch."""
         present, classes, images = node_layout(tags, self.info.background)
-        h = node_embeddings(out, valid).float()
+        h = at_least_float32(node_embeddings(out, valid))
         h = h.reshape(-1, h.shape[-1])
         gather = contrast_gather(self.cfg)
         if gather is not None:

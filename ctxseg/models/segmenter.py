@@ -109,6 +109,11 @@ class Segmenter(nn.Module):
             model (training, eval, export, viz) normalises exactly as training did.
         freeze_encoder_bn: keep the encoder's BatchNorm layers in eval mode (running statistics
             frozen, affine parameters still trained), a common choice when fine-tuning.
+        channels_last: keep weights and activations in the NHWC memory layout (``forward``
+            converts its input): the same numbers up to float rounding, and much faster on CPUs
+            (oneDNN's convolutions, depthwise ones above all) and on GPUs with tensor cores. Every
+            output map is then NHWC in memory, still indexed (B, C, H, W): code that reads a map
+            must ``reshape``/``flatten``/``permute``, never ``view`` it flat.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class Segmenter(nn.Module):
         in_chans: int = 3,
         norm: tuple[Sequence[float], Sequence[float]] | None = None,
         freeze_encoder_bn: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.encoder_name = encoder
@@ -153,6 +159,9 @@ class Segmenter(nn.Module):
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
         self.num_classes = num_classes
         self.heads = nn.ModuleDict(heads(self) if callable(heads) else (heads or {}))
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-d weights only; a state dict loads into them as it is
 
     def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
@@ -163,6 +172,8 @@ class Segmenter(nn.Module):
         return self
 
     def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.renormalize:
             x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
         feats = self.encoder(x)
