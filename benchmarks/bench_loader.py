@@ -12,6 +12,17 @@ process-CPU rate, the cost of one image on one core whatever else the machine ru
 is ``train_transform`` with the dataset's defaults (crop, scale range, flip, colour jitter), as
 ``ctxseg train`` builds it. Wall-clock numbers count other processes' turns on the cores: the
 1-minute load average is printed first.
+
+``--train-step`` then measures what the loader costs a CPU training step: the default segmenter
+(CE, as ``ctxseg train`` builds it, channels_last as configured) trains on --step-batch-size
+images from the loader, for each worker count and torch thread count of --step-workers and
+--step-threads, and, interleaved with those, on one batch held in memory (no loader). It prints the
+ms per step, the share of each step spent waiting for the next batch (``waits``: time blocked in
+the loader's ``next``), and the step's slowdown against the in-memory batch (``vs no loader``:
+what the workers' CPU time takes from the step's threads as well as the waits). E.g.
+
+    python benchmarks/bench_loader.py --data camvid --data-root ../shared/data/camvid --crop 180 240 \
+        --workers 0 --train-step --step-workers 0 1 --step-threads 2
 """
 
 from __future__ import annotations
@@ -33,7 +44,61 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="default: the dataset's")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--train-step", action="store_true", help="also time training steps fed by the loader")
+    p.add_argument("--step-workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--step-threads", type=int, nargs="+", default=[2])
+    p.add_argument("--step-batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per setting (default 12)")
     return p.parse_args()
+
+
+def time_train_steps(cfg, ds, args) -> None:
+    """ms per CE training step fed by the loader against one batch in memory (see the module)."""
+    import statistics
+
+    import torch
+
+    from ctxseg.engine.evaluate import build_model
+    from ctxseg.engine.loader import TrainBatchSampler, train_loader
+    from ctxseg.methods.base import cross_entropy
+
+    torch.manual_seed(0)
+    model = build_model(cfg, ds.info.num_classes).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(batch):
+        loss = cross_entropy(model(batch["image"])["logits"], batch["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    print(f"\ntraining steps: {cfg.encoder} (pretrained={cfg.pretrained}), CE, batch {args.step_batch_size}, "
+          f"channels_last {cfg.channels_last}; median of {args.steps} steps after 3")
+    print(f"{'workers':>7}{'threads':>8}{'ms/step':>9}{'waits':>8}{'in memory':>11}{'vs no loader':>14}")
+    for threads in args.step_threads:
+        torch.set_num_threads(threads)
+        for workers in args.step_workers:
+            sampler = TrainBatchSampler(len(ds), args.step_batch_size, cfg.seed)
+            stream = endless(train_loader(ds, sampler, workers, pin_memory=False), sampler)
+            held = next(stream)
+            for _ in range(3):
+                step(next(stream))
+                step(held)
+            fed, waits, mem = [], [], []
+            for _ in range(args.steps):  # loader-fed and in-memory steps take turns
+                t0 = time.perf_counter()
+                batch = next(stream)
+                t1 = time.perf_counter()
+                step(batch)
+                t2 = time.perf_counter()
+                step(held)
+                mem.append(time.perf_counter() - t2)
+                fed.append(t2 - t0)
+                waits.append((t1 - t0) / (t2 - t0))
+            del stream
+            f, m = statistics.median(fed) * 1e3, statistics.median(mem) * 1e3
+            print(f"{workers:>7}{threads:>8}{f:>9.0f}{100 * statistics.mean(waits):>7.1f}%{m:>11.0f}"
+                  f"{100 * (f / m - 1):>+13.1f}%")
 
 
 def endless(loader, sampler):
@@ -93,6 +158,8 @@ def main() -> None:
         print(f"{workers:>7}{rate:>10.0f}{rate / max(1, workers):>12.0f}{cpu_rate:>11}"
               f"{1000 * args.batch_size / rate:>14.0f} ms")
     print("'feeds a step of': 1000 * batch / (images/s), the training step this loader keeps busy")
+    if args.train_step:
+        time_train_steps(cfg.resolved(), ds, args)
 
 
 if __name__ == "__main__":

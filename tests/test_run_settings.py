@@ -97,20 +97,41 @@ def test_sync_bn_true_on_cpu_is_a_one_line_note_and_plain_batch_norm(tmp_path, c
 # ------------------------------------------------------------------------------------------------
 # num_workers
 @pytest.mark.parametrize("cpus, local_world, expected", [
-    (1, 1, 1), (2, 1, 1), (4, 1, 3), (9, 1, 8), (64, 1, 8), (16, 2, 7), (16, 8, 1), (16, 32, 1), (64, 4, 8),
+    (1, 1, 1), (2, 1, 2), (4, 1, 4), (9, 1, 8), (64, 1, 8), (16, 2, 8), (16, 8, 2), (16, 32, 1), (64, 4, 8), (12, 4, 3),
 ])
 def test_num_workers_rule(cpus, local_world, expected):
     assert default_num_workers(cpus, local_world) == expected
 
 
+def test_training_workers_run_at_the_lowest_priority(tmp_path):
+    """The training loader's workers yield the cores to the step (nice 19); the loader's data
+    does not depend on it."""
+
+    from ctxseg.engine.loader import TrainBatchSampler, train_loader
+
+    class Niceness(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, key):
+            return torch.tensor([os.nice(0), key[0]])
+
+    base = os.nice(0)
+    loader = train_loader(Niceness(), TrainBatchSampler(4, 2, seed=0), num_workers=1, pin_memory=False)
+    rows = torch.cat(list(loader))
+    assert rows[:, 0].tolist() == [min(19, base + 19)] * 4
+    assert sorted(rows[:, 1].tolist()) == [0, 1, 2, 3]
+    assert os.nice(0) == base  # the training process itself keeps its priority
+
+
 def test_config_resolves_num_workers_from_the_cpus_of_each_local_process(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert make_config(CEConfig, iters=1).resolved().num_workers == 8  # 12 - 1, at most 8
+    assert make_config(CEConfig, iters=1).resolved().num_workers == 8  # 12 cores, at most 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, 2 processes on this machine
-    assert make_config(CEConfig, iters=1).resolved().num_workers == 5
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert make_config(CEConfig, iters=1).resolved().num_workers == 2
+    assert make_config(CEConfig, iters=1).resolved().num_workers == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "5")
+    assert make_config(CEConfig, iters=1).resolved().num_workers == 2  # 12 // 5
     for explicit in (0, 3):  # an explicit count is kept, 0 included
         assert make_config(CEConfig, iters=1, num_workers=explicit).resolved().num_workers == explicit
     with pytest.raises(ValueError, match="num_workers must be >= 0"):

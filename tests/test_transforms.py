@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torchvision import tv_tensors
 
@@ -64,3 +65,43 @@ def test_same_seed_same_augmentation_regardless_of_global_rng():
     c = ds[(2, 78)]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert not torch.equal(a["image"], c["image"])
+
+
+@pytest.mark.parametrize("hue", [0.05, -0.05, 0.013, 0.5, -0.5, 0.0])
+def test_shift_hue_is_torchvisions_hue_adjustment(hue):
+    from torchvision.transforms.v2 import functional as TF
+
+    from ctxseg.data.transforms import shift_hue
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 20, 30, generator=g)
+    x[:, :, :4, :4] = 0.5  # grey: no hue
+    x[:, 1, 5, 5] = x[:, 0, 5, 5]  # ties between the max channels
+    x[:, :, 6, 6] = torch.tensor([1.0, 0.0, 0.0])  # a primary
+    torch.testing.assert_close(shift_hue(x, hue), TF.adjust_hue(x, hue), atol=2e-6, rtol=0)
+
+
+def test_color_jitter_draws_and_applies_what_torchvisions_does():
+    """The same factors and order from the same seed; on a float image torchvision's steps are
+    the same maps, so the two agree to float rounding (on uint8 torchvision rounds between steps)."""
+    from torchvision.transforms import v2
+
+    from ctxseg.data.transforms import ColorJitter
+
+    image = tv_tensors.Image(torch.rand(3, 24, 32, generator=torch.Generator().manual_seed(1)))
+    mask = tv_tensors.Mask(torch.randint(0, 5, (24, 32)))
+    ours, theirs = ColorJitter(0.4, 0.4, 0.4, 0.1), v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    changed = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        a, m = ours(image, mask)
+        torch.manual_seed(seed)
+        b = theirs(image)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert torch.equal(m, mask) and a.dtype == torch.float32
+        changed += not torch.allclose(a, image, atol=1e-3)
+    assert changed == 20
+    uint8 = tv_tensors.Image((image * 255).round().to(torch.uint8))
+    torch.manual_seed(0)
+    out = ours(uint8)
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1  # scaled to [0, 1] once

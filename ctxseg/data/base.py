@@ -150,8 +150,10 @@ class Validity(tv_tensors.Mask):
 
 def tags_from_mask(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Image-level tags (multi-hot float vector of length C) of the classes present in ``mask``."""
-    valid = mask[mask != IGNORE_INDEX].long()
-    return (torch.bincount(valid, minlength=num_classes)[:num_classes] > 0).float()
+    # One count per label value (255, ignore, among them), no copy of the valid pixels; a value
+    # past the classes and below 255 is check_sample's error, not this function's.
+    counts = torch.bincount(mask.reshape(-1).long().clamp(max=IGNORE_INDEX), minlength=IGNORE_INDEX + 1)
+    return (counts[:num_classes] > 0).float()
 
 
 class SegmentationDataset(Dataset):
@@ -233,7 +235,9 @@ class SegmentationDataset(Dataset):
                 image, mask, valid = self.transform(image, mask, valid)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    # The CPU generator alone (what the transforms draw from): torch.manual_seed
+                    # would also queue a seed for every accelerator backend, 0.5 ms an image.
+                    torch.default_generator.manual_seed(seed)
                     image, mask, valid = self.transform(image, mask, valid)
         if image.dtype == torch.uint8:
             image = image.float() / 255.0

@@ -106,10 +106,15 @@ class WSSSConfig(TrainConfig):
         pseudo_ambiguity: ``pixel_best`` only: a pixel whose runner-up reaches this fraction of
             its best is ignored.
         log_class_pixels: log ``pseudo_px/<class>`` when the dataset has at most this many classes.
+        weak_eval_images: how many training images the CAM / pseudo-label / AP evaluation reads
+            (the same ones at every evaluation, evenly spaced over the split; None: all of them,
+            the field's protocol). The synthetic default reads 500 of the 2000 generated scenes
+            (about 11 s instead of 45 s an evaluation on 2 cores); ``protocol`` in eval.json
+            records the count (``images``, ``split_images``).
     """
 
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "synthetic": {"scale_range": (0.75, 1.0), "cls_balance": True},
+        "synthetic": {"scale_range": (0.75, 1.0), "cls_balance": True, "weak_eval_images": 500},
     }
 
     method: str = "wsss_cam"
@@ -133,6 +138,7 @@ class WSSSConfig(TrainConfig):
     pseudo_drop_ambiguous: bool = True
     pseudo_ambiguity: float = 0.6
     log_class_pixels: int = 40
+    weak_eval_images: int | None = None
 
     def validate(self) -> WSSSConfig:
         super().validate()
@@ -156,6 +162,8 @@ class WSSSConfig(TrainConfig):
             raise ValueError(f"pseudo_ambiguity must lie in (0, 1], got {self.pseudo_ambiguity}")
         if self.log_class_pixels < 0:
             raise ValueError(f"log_class_pixels must be >= 0, got {self.log_class_pixels}")
+        if self.weak_eval_images is not None and self.weak_eval_images < 1:
+            raise ValueError(f"weak_eval_images must be >= 1 (or null for every training image), got {self.weak_eval_images}")
         return self
 
 
@@ -437,8 +445,10 @@ class WSSSCam(Method):
         data = eval_dataset(self.cfg, "train")
         if not data.has_masks:  # tags-only data: no CAM or pseudo-label quality to measure
             return {}
-        loader = eval_loader(data, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), dist)
+        subset = weak_eval_subset(data, self.cfg.weak_eval_images)
+        loader = eval_loader(subset, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), dist)
         result = evaluate_weak(model, loader, self.cfg, self.info, device, "train", progress)
+        result["protocol"].update({"images": len(subset), "split_images": len(data)})
         result["wsss"] = weak_summary({**seg, **result})
         return result
 
@@ -452,6 +462,15 @@ class WSSSCam(Method):
 
 
 # ------------------------------------------------------------------------------------------------
+def weak_eval_subset(data, images: int | None):
+    """``images`` of ``data``'s samples, evenly spaced from the first (all of them when None or
+    when the split is smaller): the same images at every evaluation of a run and in every run."""
+    n = len(data)
+    if images is None or images >= n:
+        return data
+    return torch.utils.data.Subset(data, [i * n // images for i in range(images)])
+
+
 def _without_unlabelled(result: dict, names) -> dict:
     """Metrics over C + 1 classes (the last one 'unlabelled' predictions) -> over the C real ones.
 
