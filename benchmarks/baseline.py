@@ -39,3 +39,39 @@ def short(rev: str) -> str:
     """The abbreviated commit id of ``rev``."""
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+class TreeWorker:
+    """A process that imports ctxseg from git revision ``rev`` (exported into a temporary folder:
+    the whole package as it was, model and data included) and runs ``benchmarks/_tree_step.py``
+    there: it builds the training step ``setup`` describes and times one step each time
+    ``step()`` asks, so that a benchmark can interleave the old package's steps with the current
+    one's in one run."""
+
+    def __init__(self, rev: str, setup: dict):
+        import json
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory(prefix=f"ctxseg-{short(rev)}-")
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "ctxseg"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", self.tmp.name], input=archive, check=True)
+        env = {**__import__("os").environ, "PYTHONPATH": self.tmp.name}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "_tree_step.py"), json.dumps(setup)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=self.tmp.name)
+        ready = self.proc.stdout.readline().strip()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"the baseline worker at {rev} did not start: {ready!r}")
+        self.origin = ready.split(" ", 1)[1]
+
+    def step(self) -> float:
+        """One training step in the worker; returns its seconds as the worker timed them."""
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self.tmp.cleanup()

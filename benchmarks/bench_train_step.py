@@ -15,10 +15,16 @@ once, on this batch) to all K queue entries and the gradient back through them: 
 flops for the similarities (r = the head's hidden width + 1 where the loss folds the head's last
 conv, ``fold_anchors``; else D), after the keys' product with the folded basis, and 2 x M x K x D
 for the gradient. ``--baseline REV`` also times every non-CE method as its module was at git revision REV
-(``spec@REV``), interleaved with the others: before/after in one run, e.g.
+(``spec@REV``: the method's file alone, on today's model), and CE with the whole package as it was at
+REV (``ce@REV``: model, layout and method; in a worker process that imports that revision, its steps
+taking turns with the others): before/after in one run, e.g.
 
     python benchmarks/bench_train_step.py --methods ce pixel_contrast:memory=true,memory_size=5000 \
         --baseline 662de39 --threads 1
+    python benchmarks/bench_train_step.py --methods ce --encoder tf_efficientnet_lite0 --size 180 240 \
+        --baseline b9c8f8f --threads 2     # the default segmenter, before and after channels_last
+
+``--set KEY=VALUE`` applies to every current method (e.g. ``--set channels_last=false``).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None):
+def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None, sets: dict | None = None):
     """(train step, inference) closures for one method spec ``name[:key=value,...]``; with
     ``baseline``, the method's class as of that git revision."""
     parsed = parse_method_spec(spec)
@@ -62,7 +68,7 @@ def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None):
         cls = class_at(baseline, cls)
     torch.manual_seed(0)
     cfg = cls.config_class(method=parsed.name, iters=10_000, encoder=encoder)
-    cfg = apply_overrides(cfg, parsed.settings, spec)
+    cfg = apply_overrides(cfg, {**(sets or {}), **parsed.settings}, spec)
     method = cls(cfg, ds.info, total_iters=10_000)
     memory = getattr(method, "memory", None)
     if memory is not None:  # time the steady state: every class's queues full
@@ -123,7 +129,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--baseline", default=None, metavar="REV",
-                   help="also time each non-ce method as it was at this git revision")
+                   help="also time each non-ce method as it was at this git revision, and ce with the whole package")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for every current method (e.g. channels_last=false)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,25 +141,44 @@ def main() -> None:
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask", "tags")}
     print(f"device cpu, threads {torch.get_num_threads()}, encoder {args.encoder}, "
           f"batch {args.batch_size}x3x{args.size[0]}x{args.size[1]}")
+    from ctxseg.config import parse_set
+
+    sets = parse_set(args.set)
     steps, infers, n_params, gemms = {}, {}, {}, {}
+    workers = []
     for spec in args.methods:
-        steps[spec], infers[spec], n_params[spec], floor = make_fns(spec, ds, batch, args.encoder)
+        steps[spec], infers[spec], n_params[spec], floor = make_fns(spec, ds, batch, args.encoder, sets=sets)
         if floor is not None:
             gemms[spec] = floor
         if args.baseline and parse_method_spec(spec).name != "ce":
             from baseline import short
 
             old = f"{spec}@{short(args.baseline)}"
-            steps[old], infers[old], n_params[old], _ = make_fns(spec, ds, batch, args.encoder, args.baseline)
+            steps[old], infers[old], n_params[old], _ = make_fns(spec, ds, batch, args.encoder, args.baseline, sets)
+        elif args.baseline:
+            from baseline import TreeWorker, short
+
+            worker = TreeWorker(args.baseline, {"method": "ce", "settings": {}, "encoder": args.encoder,
+                                                "size": list(args.size), "batch_size": args.batch_size,
+                                                "threads": torch.get_num_threads()})
+            workers.append(worker)
+            print(f"ce@{short(args.baseline)}: the package at {short(args.baseline)} ({worker.origin}), "
+                  "in its own process, its steps taking turns with the others")
+            steps[f"ce@{short(args.baseline)}"] = worker.step
     timed = {**steps, **{("gemms", k): fn for k, fn in gemms.items()}}
     train_ms_all = time_interleaved(timed, args.warmup, args.repeats)
+    for worker in workers:
+        worker.close()
     infer_ms = time_interleaved(infers, args.warmup, args.repeats)
-    results = {k: (train_ms_all[k], infer_ms[k]) for k in steps}
+    results = {k: (train_ms_all[k], infer_ms.get(k)) for k in steps}
     base = results.get("ce")
     width = max(16, *(len(k) + 2 for k in results))
     print(f"{'method':<{width}}{'train ms/step':>15}{'vs ce':>8}{'infer ms':>12}{'vs ce':>8}{'deployed params':>17}")
     for spec, (train_ms, infer_ms) in results.items():
         rt = f"{train_ms / base[0]:.2f}x" if base else "-"
+        if infer_ms is None:  # the baseline revision's CE: its step only
+            print(f"{spec:<{width}}{train_ms:>15.1f}{rt:>8}{'-':>12}{'-':>8}{'-':>17}")
+            continue
         ri = f"{infer_ms / base[1]:.2f}x" if base else "-"
         print(f"{spec:<{width}}{train_ms:>15.1f}{rt:>8}{infer_ms:>12.1f}{ri:>8}{n_params[spec]:>17,}")
     for spec, fn in gemms.items():

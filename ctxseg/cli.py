@@ -193,7 +193,7 @@ def evaluate_trained(checkpoint, split: str = "val", data: str | None = None, da
     from ctxseg.engine.distributed import resolve_device
     from ctxseg.engine.evaluate import evaluate
     from ctxseg.engine.loader import eval_loader
-    from ctxseg.methods.wsss import WSSSConfig, evaluate_weak, weak_summary
+    from ctxseg.methods.wsss import WSSSConfig, evaluate_weak, weak_eval_subset, weak_summary
     from ctxseg.runs import open_run
 
     device = resolve_device(device)
@@ -214,6 +214,7 @@ def evaluate_trained(checkpoint, split: str = "val", data: str | None = None, da
     if isinstance(cfg, WSSSConfig):
         weak_ds = split_dataset(cfg, weak_split, data, data_root, require_masks=False)
         if weak_ds.has_masks:
+            weak_ds = weak_eval_subset(weak_ds, cfg.weak_eval_images)  # the images training evaluated
             result.update(evaluate_weak(model, eval_loader(weak_ds, bs, num_workers), cfg, ds.info, device,
                                         weak_split, progress=progress))
             result["wsss"] = weak_summary(result)

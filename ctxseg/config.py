@@ -56,8 +56,10 @@ class TrainConfig:
         optimizer: ``sgd`` (momentum, poly LR: the recipe users know) or ``adamw``.
         lr, momentum, weight_decay, poly_power: optimizer and poly schedule settings.
         warmup_iters: linear learning-rate warm-up steps before the poly decay.
-        amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); CPU runs
-            always in float32.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler).
+        cpu_amp: bf16 autocast for the network on a CPU with native bf16 (AVX512-BF16 or AMX;
+            elsewhere a note and float32); the losses still compute in float32. Off by default: on
+            the synthetic default it was no faster than float32 with channels_last (README, Speed).
         channels_last: run the model in the NHWC memory layout (``Segmenter``): training, evaluation,
             CAMs, embeddings and plots alike. The same model and, up to float rounding, the same
             numbers; about 1.6x faster per CPU training step for the default encoder (README,
@@ -128,6 +130,7 @@ class TrainConfig:
     poly_power: float = 0.9
     warmup_iters: int = 0
     amp: bool = True
+    cpu_amp: bool = False
     channels_last: bool = True
     deterministic: bool = False
     num_workers: int | None = None

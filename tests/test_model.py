@@ -58,3 +58,16 @@ def test_gradients_reach_encoder_decoder_and_classifier():
     for name in ("encoder", "decoder", "classifier"):
         grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads), name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_class_argmax_is_argmax_over_classes_first_on_ties(channels_last):
+    from ctxseg.models.segmenter import class_argmax
+
+    x = torch.randint(0, 3, (2, 5, 6, 7)).float()  # many ties
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = class_argmax(x)
+    first = torch.stack([torch.nonzero(x[b, :, i, j] == x[b, :, i, j].max())[0, 0]
+                         for b in range(2) for i in range(6) for j in range(7)]).view(2, 6, 7)
+    assert torch.equal(got, first) and torch.equal(got, x.argmax(1))

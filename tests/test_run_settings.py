@@ -208,3 +208,41 @@ def test_a_study_reuses_run_folders_made_with_another_worker_count_or_tensorboar
     # sync_bn changes what is computed: a folder trained with it (on one GPU, forced) is another run.
     on_gpu = make_config(CEConfig, iters=4, out=str(tmp_path / "run"), device="cuda")
     assert config_diff({**to_plain(on_gpu.resolved()), "sync_bn": True}, on_gpu) == [("sync_bn", True, False)]
+
+
+# ------------------------------------------------------------------------------------------------
+# cpu_amp
+def test_cpu_amp_runs_the_network_in_bf16_and_the_loss_in_float32(tmp_path, monkeypatch):
+    """With cpu_amp on a CPU with native bf16 the forward pass runs under bf16 autocast (the
+    logits the method reads are bf16), the loss stays float32 and the weights float32."""
+    from ctxseg.engine import trainer as T
+
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    seen = {}
+
+    class Spy(CrossEntropy):
+        def forward(self, out, batch, step):
+            seen["logits"] = out["logits"].dtype
+            loss, terms = super().forward(out, batch, step)
+            seen["loss"] = loss.dtype
+            return loss, terms
+
+    cfg = make_config(CEConfig, iters=2, out=str(tmp_path / "amp"), cpu_amp=True, **TINY)
+    trainer = Trainer(cfg, Spy, progress=False)
+    assert trainer.amp_dtype == torch.bfloat16
+    trainer.fit()
+    assert seen == {"logits": torch.bfloat16, "loss": torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+    off = Trainer(make_config(CEConfig, iters=1, out=str(tmp_path / "off"), **TINY), Spy, progress=False)
+    assert off.amp_dtype is None  # the default: float32
+
+
+def test_cpu_amp_without_native_bf16_says_so_and_trains_in_float32(tmp_path, monkeypatch, capsys):
+    from ctxseg.engine import trainer as T
+
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
+    trainer = Trainer(make_config(CEConfig, iters=1, out=str(tmp_path / "r"), cpu_amp=True, **TINY), CrossEntropy,
+                      progress=False)
+    assert trainer.amp_dtype is None
+    assert "cpu_amp=true needs a CPU with native bf16" in capsys.readouterr().err

@@ -728,7 +728,7 @@ def test_evaluate_weak_on_perfect_cams():
     result = evaluate_weak(_Oracle(batch["mask"]), [batch], cfg, SYNTHETIC_INFO, torch.device("cpu"),
                            progress=False)
     assert result["cam"]["miou"] == pytest.approx(1.0)
-    assert result["protocol"] == {"split": "train", "scales": [1.0], "flip": False, "crf": False}
+    assert result["protocol"] == {"split": "train", "images": 4, "scales": [1.0], "flip": False, "crf": False}
     assert set(result["cam"]["per_class_iou"].values()) <= {1.0, None}
     # Perfect CAMs: every class present survives into the pseudo labels. PAMR (at full resolution
     # here, dilations up to 24 on 48x48 images) spreads the textured tree into its surroundings:
@@ -846,3 +846,18 @@ def test_group_centres_plot_says_so_when_no_pixel_has_a_pseudo_label():
     centres, has = group_centres(F.normalize(z, dim=1), labels, torch.ones(10), 8)
     fig = plot_group_centres(z, labels, centres, has, SYNTHETIC_INFO)
     assert "PCA" in fig.axes[-1].get_title()
+
+
+def test_weak_eval_subset_takes_evenly_spaced_images_the_same_every_time():
+    from ctxseg.methods.wsss import weak_eval_subset
+
+    data = list(range(2000))
+    sub = weak_eval_subset(data, 500)
+    assert len(sub) == 500 and list(sub)[:3] == [0, 4, 8] and list(sub)[-1] == 1996
+    assert list(weak_eval_subset(data, 500)) == list(sub)
+    assert weak_eval_subset(data, None) is data and weak_eval_subset(data, 5000) is data
+    assert list(weak_eval_subset(list(range(10)), 3)) == [0, 3, 6]
+    assert make_config(WSSSConfig, "synthetic", iters=1).weak_eval_images == 500
+    assert make_config(WSSSConfig, "voc", iters=1).weak_eval_images is None  # the field's protocol: every image
+    with pytest.raises(ValueError, match="weak_eval_images"):
+        make_config(WSSSConfig, iters=1, weak_eval_images=0).validate()

@@ -16,7 +16,7 @@ from ctxseg.config import TrainConfig, to_plain
 from ctxseg.data import build_dataset, eval_transform
 from ctxseg.data.base import DatasetInfo
 from ctxseg.engine.metrics import SegMetrics
-from ctxseg.models.segmenter import Segmenter
+from ctxseg.models.segmenter import Segmenter, class_argmax
 
 
 def build_model(cfg: TrainConfig, num_classes: int, heads=None, load_pretrained: bool = True) -> Segmenter:
@@ -76,7 +76,7 @@ def evaluate(
         logits = torch.nn.functional.interpolate(
             logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False
         )
-        metrics.update(logits.argmax(1), mask)
+        metrics.update(class_argmax(logits), mask)
         n_images += image.shape[0]
     metrics.all_reduce()
     model.train(was_training)

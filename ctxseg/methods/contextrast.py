@@ -53,7 +53,7 @@ from ctxseg.config import TrainConfig
 from ctxseg.engine.distributed import all_gather_rows, contrast_gather, contrast_world, sum_gathered
 from ctxseg.methods.base import Method, cross_entropy
 from ctxseg.methods.pixel_contrast import downsample_labels
-from ctxseg.models.segmenter import Head
+from ctxseg.models.segmenter import Head, class_argmax
 
 BANE_NEGATIVES = ("missed", "false_positives")
 BANE_PERCENTILES = ("image", "batch")
@@ -450,7 +450,7 @@ class Contextrast(Method):
         """Per stage: (B, h_i, w_i) ``labels`` (nearest-downsampled GT) and ``preds`` (the final
         prediction's argmax at the logits' stride, nearest-downsampled)."""
         with torch.no_grad():
-            pred = out["logits"].detach().argmax(1)
+            pred = class_argmax(out["logits"].detach())
             targets = []
             for hidden in out["stage_hidden"]:
                 size = tuple(hidden.shape[-2:])

@@ -64,7 +64,7 @@ from ctxseg.methods.pixel_contrast import (
     rank_in_groups,
 )
 from ctxseg.methods.wsss import WSSSCam, WSSSConfig, cam_masks
-from ctxseg.models.segmenter import Head
+from ctxseg.models.segmenter import Head, class_argmax
 
 
 @dataclass
@@ -337,7 +337,7 @@ class DSCNet(WSSSCam):
         flat_z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         flat_y = labels.reshape(-1)
         conf = pixel_confidence(weak["refined"], labels)
-        preds = out["logits"].argmax(1)
+        preds = class_argmax(out["logits"])
         reliable, hard = labels != IGNORE_INDEX, preds != labels
         if self.cfg.pgcl_budget == "per_batch":
             idx = sample_pixels(reliable.reshape(-1), hard.reshape(-1), self.cfg.pgcl_anchors, self.cfg.pgcl_hard_fraction)

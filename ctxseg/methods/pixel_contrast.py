@@ -74,7 +74,7 @@ from ctxseg.engine.distributed import (
     sum_gathered,
 )
 from ctxseg.methods.base import Method, cross_entropy
-from ctxseg.models.segmenter import Head, upsample_to
+from ctxseg.models.segmenter import Head, class_argmax, upsample_to
 
 
 BUDGETS = ("per_image", "per_batch")
@@ -791,7 +791,7 @@ class PixelContrast(Method):
 
     def _sample(self, logits, labels, grid_hw) -> Anchors:
         with torch.no_grad():
-            preds = upsample_to(logits.detach().float(), grid_hw).argmax(1).flatten(1)
+            preds = class_argmax(upsample_to(logits.detach().float(), grid_hw)).flatten(1)
         cfg = self.cfg
         if cfg.budget == "per_batch":
             return sample_anchors(labels, preds, self.info.num_classes, cfg.max_samples, cfg.max_views)

@@ -67,7 +67,7 @@ from ctxseg.config import TrainConfig
 from ctxseg.data.base import IGNORE_INDEX, DatasetInfo
 from ctxseg.engine.metrics import SegMetrics
 from ctxseg.methods.base import Method, cross_entropy
-from ctxseg.models.segmenter import upsample_to
+from ctxseg.models.segmenter import class_argmax, upsample_to
 
 PSEUDO_RULES = ("class_max", "pixel_best")
 
@@ -110,7 +110,7 @@ class WSSSConfig(TrainConfig):
             (the same ones at every evaluation, evenly spaced over the split; None: all of them,
             the field's protocol). The synthetic default reads 500 of the 2000 generated scenes
             (about 11 s instead of 45 s an evaluation on 2 cores); ``protocol`` in eval.json
-            records the count (``images``, ``split_images``).
+            records the count (``images``).
     """
 
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
@@ -316,7 +316,7 @@ def pseudo_labels_class_max(masks: torch.Tensor, cutoff: float = 0.6, floor: flo
     threshold = (masks.amax((2, 3), keepdim=True) * cut[:, None, None]).clamp_min(floor)
     claimed = masks > threshold
     n = claimed.sum(1)
-    label = torch.where(claimed, masks, -1.0).argmax(1)
+    label = class_argmax(torch.where(claimed, masks, -1.0))
     keep = n == 1 if drop_ambiguous else n >= 1
     return torch.where(keep, label, IGNORE_INDEX)
 
@@ -448,7 +448,6 @@ class WSSSCam(Method):
         subset = weak_eval_subset(data, self.cfg.weak_eval_images)
         loader = eval_loader(subset, self.cfg.eval_batch_size, min(self.cfg.num_workers, 2), dist)
         result = evaluate_weak(model, loader, self.cfg, self.info, device, "train", progress)
-        result["protocol"].update({"images": len(subset), "split_images": len(data)})
         result["wsss"] = weak_summary({**seg, **result})
         return result
 
@@ -506,7 +505,8 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
       classification loss trains) against the tags, with each class's tag frequency (the AP of a
       classifier that knows nothing); a class tagged in all or none of the images has no AP.
 
-    Single scale, no flip, no CRF. Returns ``{"cam", "pseudo", "cls_ap", "protocol"}``.
+    Single scale, no flip, no CRF. Returns ``{"cam", "pseudo", "cls_ap", "protocol"}``; the
+    protocol names the split and counts the images read (``weak_eval_images`` may make them a subset).
     """
     was_training = model.training
     model.eval()
@@ -527,7 +527,7 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
         scores.append(class_scores(y, cams, cfg.ngwp_eps, cfg.focal_p, cfg.focal_lambda).cpu())
         all_tags.append(tags.cpu())
         full = restrict_to_tags(method.cams(upsample_to(logits, mask.shape[-2:])), tags, info.background)
-        cam_m.update(full.argmax(1), mask)
+        cam_m.update(class_argmax(full), mask)
         refined = method.refine(image, cams, tags)
         labels = method.pseudo(upsample_to(refined, mask.shape[-2:]))
         valid = mask != IGNORE_INDEX
@@ -548,7 +548,7 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
     for r in (cam, pseudo):
         r["split"] = split
     return {"cam": cam, "pseudo": pseudo, "cls_ap": classification_ap(scores, all_tags, names, info.background),
-            "protocol": {"split": split, "scales": [1.0], "flip": False, "crf": False}}
+            "protocol": {"split": split, "images": len(all_tags), "scales": [1.0], "flip": False, "crf": False}}
 
 
 def classification_ap(scores: torch.Tensor, tags: torch.Tensor, names, background: int | None) -> dict:
@@ -578,5 +578,5 @@ def weak_summary(result: dict) -> dict:
         "cam_miou": result["cam"]["miou"], "pseudo_miou": result["pseudo"]["miou"], "seg_miou": result["miou"],
         "pseudo_coverage": result["pseudo"]["coverage"], "cls_map": result.get("cls_ap", {}).get("mean"),
         "cam_split": result["cam"]["split"], "seg_split": result.get("split"),
-        **{k: v for k, v in result["protocol"].items() if k != "split"},
+        **{("cam_images" if k == "images" else k): v for k, v in result["protocol"].items() if k != "split"},
     }

@@ -11,6 +11,7 @@ import torch
 
 from ctxseg.data.base import DatasetInfo, tags_from_mask
 from ctxseg.data.transforms import denormalize
+from ctxseg.models.segmenter import class_argmax
 
 
 def _figure(ax, figsize):
@@ -42,7 +43,7 @@ def predict_batch(model, images: torch.Tensor) -> torch.Tensor:
     """Argmax predictions (B, H, W) at the images' resolution."""
     model.eval()
     device = next(model.parameters()).device
-    return model.predict(images.to(device)).argmax(1).cpu()
+    return class_argmax(model.predict(images.to(device))).cpu()
 
 
 
