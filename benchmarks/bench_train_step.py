@@ -24,7 +24,8 @@ taking turns with the others): before/after in one run, e.g.
     python benchmarks/bench_train_step.py --methods ce --encoder tf_efficientnet_lite0 --size 180 240 \
         --baseline b9c8f8f --threads 2     # the default segmenter, before and after channels_last
 
-``--set KEY=VALUE`` applies to every current method (e.g. ``--set channels_last=false``).
+``--set KEY=VALUE`` applies to every current method (e.g. ``--set channels_last=false``); a method spec
+may carry its own (``ce:cpu_amp=true`` runs the network under bf16 autocast, as the Trainer does).
 """
 
 from __future__ import annotations
@@ -80,9 +81,13 @@ def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None, se
     model = build_model(cfg, ds.info.num_classes, heads=method.heads)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=getattr(cfg, "cpu_amp", False))
+
     def step():
         model.train()
-        loss, _ = method(model(batch["image"]), batch, step=10_000)
+        with amp:  # as the Trainer runs it: the network under autocast, the loss outside
+            out = model(batch["image"])
+        loss, _ = method(out, batch, step=10_000)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,7 +160,7 @@ def main() -> None:
 
             old = f"{spec}@{short(args.baseline)}"
             steps[old], infers[old], n_params[old], _ = make_fns(spec, ds, batch, args.encoder, args.baseline, sets)
-        elif args.baseline:
+        elif args.baseline and not workers:  # CE with the whole package at REV, once
             from baseline import TreeWorker, short
 
             worker = TreeWorker(args.baseline, {"method": "ce", "settings": {}, "encoder": args.encoder,
