@@ -336,3 +336,39 @@ def test_trains_in_the_trainer_and_deploys_without_heads(tmp_path):
     heads = [k for k in trainer.model.state_dict() if k.startswith("heads.ctx_proj.nets.")]
     assert len({k.split(".")[3] for k in heads}) == 4  # one projection head per stage
     assert not any(k.startswith("heads.") for k in trainer.model.deploy_state_dict())
+
+
+@pytest.mark.parametrize("source", ["encoder", "decoder"])
+def test_contrast_features_decide_whether_the_contrast_reaches_the_decoder(source):
+    """With ``contrast_features="decoder"`` the contrastive term alone has a gradient on every
+    decoder layer (lateral, smooth and fuse convs: the maps it contrasts are the classifier's input
+    and the pyramid built into it); with ``"encoder"`` its gradient on the decoder is exactly 0.
+    The classifier comes after every contrasted map, so neither reaches it."""
+    from ctxseg.data import SyntheticScenes
+    from ctxseg.engine.evaluate import build_model
+
+    ds = SyntheticScenes("train", length=2, size=(64, 64))
+    items = [ds[i] for i in range(2)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "mask")}
+    cfg = make_config(ContextrastConfig, iters=10, encoder="test_resnet", contrast_features=source,
+                      synthetic_size=(64, 64)).resolved()
+    method = Contextrast(cfg, ds.info, total_iters=10)
+    torch.manual_seed(0)
+    model = build_model(cfg, ds.info.num_classes, heads=method.heads).train()
+    out = model(batch["image"])
+    head = model.heads["ctx_proj"]
+    widths = [net[0].in_channels for net in head.nets]
+    assert widths == ([model.decoder_channels] * 4 if source == "decoder" else model.stage_channels)
+    contrast, stages = method.contrast(out, batch["mask"])
+    assert all(torch.isfinite(li) and li > 0 for li in stages)
+    contrast.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    decoder = {n: g for n, g in grads.items() if n.startswith("decoder.") and "weight" in n and "bn" not in n}
+    assert decoder, "no decoder conv weights found"
+    if source == "decoder":
+        assert all(g is not None and g.abs().sum() > 0 for g in decoder.values()), \
+            [n for n, g in decoder.items() if g is None or g.abs().sum() == 0]
+    else:
+        assert all(g is None or g.abs().sum() == 0 for g in decoder.values())
+    assert grads["classifier.weight"] is None
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder."))

@@ -52,11 +52,12 @@ from torch import nn
 from ctxseg.config import TrainConfig
 from ctxseg.engine.distributed import all_gather_rows, contrast_gather, contrast_world, sum_gathered
 from ctxseg.methods.base import Method, cross_entropy
-from ctxseg.methods.pixel_contrast import downsample_labels
+from ctxseg.methods.pixel_contrast import check_label_grid, downsample_labels
 from ctxseg.models.segmenter import Head, class_argmax
 
 BANE_NEGATIVES = ("missed", "false_positives")
 BANE_PERCENTILES = ("image", "batch")
+CONTRAST_FEATURES = ("encoder", "decoder")
 
 
 @dataclass
@@ -81,6 +82,19 @@ class ContextrastConfig(TrainConfig):
             predicted c whose label is not c.
         bane_percentile: ``"image"`` (**CHOICE**, default): K_s per image and class; ``"batch"``:
             per class over the whole batch.
+        contrast_features: which four maps (strides 4, 8, 16, 32) the projection heads read
+            (**CHOICE**): ``"encoder"``, the encoder's stages (the paper's multi-scale encoder
+            features; the FPN then stands between them and the classifier, so the contrast never
+            reaches the decoder); ``"decoder"``, the classifier's input and the decoder's pyramid
+            levels it is built from (``contrasted_maps``), as in the paper's HRNet setting where
+            the contrasted maps are the classifier's own input.
+        label_grid: how a label is put on each embedding-grid cell (``downsample_labels``, for every stage;
+            **CHOICE**): ``center`` (default), the pixel at the centre of the s x s block the
+            cell covers; ``majority``, the block's most frequent label, ignored below
+            ``label_purity`` of its valid pixels; ``nearest``, what ctxseg did before issue 22
+            (a cell's top-left pixel at a pitch of H / h; the numbers in README tables older than
+            that were trained with it).
+        label_purity: ``majority`` only: the least share of a block's valid pixels its label must have.
     """
 
     method: str = "contextrast"
@@ -96,6 +110,9 @@ class ContextrastConfig(TrainConfig):
     bane_ratio: float = 0.5
     bane_negatives: str = "missed"
     bane_percentile: str = "image"
+    contrast_features: str = "encoder"
+    label_grid: str = "center"
+    label_purity: float = 0.5
 
     def validate(self) -> ContextrastConfig:
         super().validate()
@@ -111,6 +128,9 @@ class ContextrastConfig(TrainConfig):
             raise ValueError(f"bane_ratio (K_s) must be in (0, 1], got {self.bane_ratio}")
         if self.bane_negatives not in BANE_NEGATIVES:
             raise ValueError(f"bane_negatives must be one of {BANE_NEGATIVES}, got {self.bane_negatives!r}")
+        check_label_grid(self)
+        if self.contrast_features not in CONTRAST_FEATURES:
+            raise ValueError(f"contrast_features must be one of {CONTRAST_FEATURES}, got {self.contrast_features!r}")
         if self.bane_percentile not in BANE_PERCENTILES:
             raise ValueError(f"bane_percentile must be one of {BANE_PERCENTILES}, got {self.bane_percentile!r}")
         return self
@@ -126,8 +146,9 @@ class StageProjections(Head):
     method, is never materialised, normalised or backpropagated through. ``stage_embeddings(out)``
     gives the embeddings themselves (for plots)."""
 
-    def __init__(self, stage_channels: list[int], dim: int = 256):
+    def __init__(self, stage_channels: list[int], dim: int = 256, source: str = "encoder"):
         super().__init__()
+        self.source = source
         self.nets = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(c, c, 1, bias=False), nn.ReLU(inplace=True), nn.BatchNorm2d(c), nn.Conv2d(c, dim, 1)
@@ -136,9 +157,20 @@ class StageProjections(Head):
         )
 
     def forward(self, out):
-        hidden = [net[:-1](x).float() for net, x in zip(self.nets, out["stages"])]
+        hidden = [net[:-1](x).float() for net, x in zip(self.nets, contrasted_maps(out, self.source))]
         proj = [(net[-1].weight.flatten(1).float(), net[-1].bias.float()) for net in self.nets]
         return {"stage_hidden": hidden, "stage_proj": proj}
+
+
+def contrasted_maps(out, source: str) -> list[torch.Tensor]:
+    """The four maps, strides 4 to 32, that ``contrast_features`` names in a segmenter output:
+    ``"encoder"``, the encoder's stages; ``"decoder"``, the classifier's own input (the fused
+    stride-4 ``features``) and the decoder's pyramid levels at strides 8, 16 and 32 that it is
+    built from, so the contrast's gradient reaches every decoder layer (the stride-4 level
+    itself feeds ``features`` only through the fuse conv, which the first map goes through)."""
+    if source == "encoder":
+        return list(out["stages"])
+    return [out["features"], *out["pyramid"][1:]]
 
 
 def stage_embeddings(out) -> list[torch.Tensor]:
@@ -444,17 +476,24 @@ class Contextrast(Method):
     config_class = ContextrastConfig
 
     def heads(self, model):
-        return {"ctx_proj": StageProjections(model.stage_channels, self.cfg.proj_dim)}
+        source = self.cfg.contrast_features
+        channels = model.stage_channels if source == "encoder" else [model.decoder_channels] * 4
+        return {"ctx_proj": StageProjections(channels, self.cfg.proj_dim, source)}
 
     def stage_targets(self, out, mask) -> list[dict[str, torch.Tensor]]:
-        """Per stage: (B, h_i, w_i) ``labels`` (nearest-downsampled GT) and ``preds`` (the final
-        prediction's argmax at the logits' stride, nearest-downsampled)."""
+        """Per stage: (B, h_i, w_i) ``labels`` (the GT on the stage's grid, ``label_grid``) and
+        ``preds`` (the final prediction's argmax at the logits' stride, on the same grid)."""
         with torch.no_grad():
             pred = class_argmax(out["logits"].detach())
             targets = []
             for hidden in out["stage_hidden"]:
                 size = tuple(hidden.shape[-2:])
-                targets.append({"labels": downsample_labels(mask, size), "preds": downsample_labels(pred, size)})
+                targets.append({
+                    "labels": downsample_labels(mask, size, self.cfg.label_grid, self.cfg.label_purity),
+                    # The prediction's classes at each cell, by the same rule (no purity: every
+                    # cell has one), from the logits' stride-4 grid.
+                    "preds": downsample_labels(pred, size, "nearest" if self.cfg.label_grid == "nearest" else "center"),
+                })
         return targets
 
     def bane(self, targets, ratio: float | None = None) -> list[dict[str, torch.Tensor]]:

@@ -111,6 +111,13 @@ class PixelContrastConfig(TrainConfig):
         memory_size: entries per class in each queue (the reference: 5000; the queues are
             2 x classes x memory_size x proj_dim floats, carried in checkpoints).
         pixel_update_freq: pixel embeddings each (image, class) pushes into the pixel queue per step.
+        label_grid: how a label is put on each embedding-grid cell (``downsample_labels``;
+            **CHOICE**): ``center`` (default), the pixel at the centre of the s x s block the
+            cell covers; ``majority``, the block's most frequent label, ignored below
+            ``label_purity`` of its valid pixels; ``nearest``, what ctxseg did before issue 22
+            (a cell's top-left pixel at a pitch of H / h; the numbers in README tables older than
+            that were trained with it).
+        label_purity: ``majority`` only: the least share of a block's valid pixels its label must have.
     """
 
     method: str = "pixel_contrast"
@@ -128,6 +135,8 @@ class PixelContrastConfig(TrainConfig):
     memory: bool = False
     memory_size: int = 5000
     pixel_update_freq: int = 10
+    label_grid: str = "center"
+    label_purity: float = 0.5
 
     def validate(self) -> PixelContrastConfig:
         super().validate()
@@ -144,6 +153,7 @@ class PixelContrastConfig(TrainConfig):
             raise ValueError("temperature and base_temperature must be positive")
         if not 0.0 <= self.contrast_warmup <= 1.0:
             raise ValueError(f"contrast_warmup is a fraction of the run in [0, 1], got {self.contrast_warmup}")
+        check_label_grid(self)
         return self
 
 
@@ -191,13 +201,68 @@ def embedding_map(out) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------
 # Sampling
-def downsample_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of (B, H, W) labels to the embedding grid ``size``: grid cell
-    (i, j) takes the label at (floor(i * H / h), floor(j * W / w)), the pixel its embedding is
-    computed for at stride H / h."""
-    if tuple(mask.shape[-2:]) == tuple(size):
+LABEL_GRIDS = ("center", "majority", "nearest")
+
+
+def grid_stride(full: int, cells: int) -> int:
+    """The stride s of a grid of ``cells`` cells over ``full`` pixels: the smallest power of two
+    with ceil(full / s) <= cells (a CNN's stage at stride s has ceil(full / s) cells: 180 pixels
+    at stride 32 give 6 cells, a pitch of 30 pixels but a stride of 32)."""
+    s = 1
+    while -(-full // s) > cells:
+        s *= 2
+    return s
+
+
+def check_label_grid(cfg) -> None:
+    """Raise a ValueError naming the setting unless ``label_grid`` / ``label_purity`` can work."""
+    if cfg.label_grid not in LABEL_GRIDS:
+        raise ValueError(f"label_grid must be one of {LABEL_GRIDS}, got {cfg.label_grid!r}")
+    if not 0.0 < cfg.label_purity <= 1.0:
+        raise ValueError(f"label_purity must be in (0, 1], got {cfg.label_purity}")
+
+
+def _block_centres(full: int, cells: int, stride: int, device) -> torch.Tensor:
+    """The centre pixel of each cell's block [s i, min(s i + s, full)) along one axis."""
+    lo = torch.arange(cells, device=device) * stride
+    hi = (lo + stride).clamp(max=full)
+    return ((lo + hi - 1) // 2).clamp(0, full - 1)
+
+
+def downsample_labels(mask: torch.Tensor, size: tuple[int, int], rule: str = "center",
+                      purity: float = 0.5) -> torch.Tensor:
+    """(B, H, W) labels (ignore = 255) on a feature grid of ``size`` (h, w) at the stride s of
+    ``grid_stride``, where cell (i, j) covers the pixel block [s i, s i + s) x [s j, s j + s)
+    (cut at the image's edge) and is centred in it, as the encoder's "same" padding places it.
+
+    - ``center`` (**CHOICE**, the default): the label at the block's centre pixel;
+    - ``majority``: the most frequent valid label of the block, or ignore when it covers less than
+      ``purity`` of the block's valid pixels (or there are none): a cell astride a boundary says
+      nothing rather than the wrong thing;
+    - ``nearest``: ``F.interpolate(mode="nearest")``, the label at (floor(i H / h), floor(j W / w)):
+      the block's top-left corner at a pitch of H / h, which drifts from the stride when h does
+      not divide H (ctxseg before issue 22)."""
+    H, W = mask.shape[-2:]
+    h, w = size
+    if (H, W) == (h, w):
         return mask
-    return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    if rule == "nearest":
+        return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    sy, sx = grid_stride(H, h), grid_stride(W, w)
+    if rule == "center":
+        return mask[:, _block_centres(H, h, sy, mask.device)][:, :, _block_centres(W, w, sx, mask.device)]
+    if rule != "majority":
+        raise ValueError(f"label grid rule must be one of {LABEL_GRIDS}, got {rule!r}")
+    B = mask.shape[0]
+    padded = F.pad(mask, (0, w * sx - W, 0, h * sy - H), value=255)
+    blocks = padded.reshape(B, h, sy, w, sx).permute(0, 1, 3, 2, 4).reshape(B, h, w, sy * sx)
+    valid = blocks != 255
+    n_cls = int(mask[mask != 255].max()) + 1 if bool((mask != 255).any()) else 1
+    counts = F.one_hot(torch.where(valid, blocks, n_cls), n_cls + 1)[..., :n_cls].sum(-2)  # (B, h, w, C)
+    best, label = counts.max(-1)
+    total = valid.sum(-1)
+    keep = (total > 0) & (best >= purity * total)
+    return torch.where(keep, label, 255)
 
 
 def rank_in_groups(groups: torch.Tensor, num_groups: int, shuffle: bool = False):
@@ -778,11 +843,14 @@ class PixelContrast(Method):
         return {"proj": ProjectionHead(model.decoder_channels, self.cfg.proj_dim)}
 
     def grid(self, out, mask):
-        """The head's hidden map (B, c, P) before its last conv, labels (B, P) nearest-downsampled
-        to its grid and the grid size (h, w)."""
+        """The head's hidden map (B, c, P) before its last conv, labels (B, P) on its grid
+        (``label_grid``) and the grid size (h, w)."""
         hidden = out["embed_hidden"]
         B, c, h, w = hidden.shape
-        return hidden.flatten(2), downsample_labels(mask, (h, w)).flatten(1), (h, w)
+        return hidden.flatten(2), self.grid_labels(mask, (h, w)).flatten(1), (h, w)
+
+    def grid_labels(self, mask, size):
+        return downsample_labels(mask, size, self.cfg.label_grid, self.cfg.label_purity)
 
     def sample(self, out, mask) -> Anchors:
         """Hard anchor sampling for one step: flat indices into the (B, h * w) embedding grid."""
@@ -840,7 +908,7 @@ class PixelContrast(Method):
         if self.memory is not None:
             with torch.no_grad():
                 emb = embedding_map(out).flatten(2)
-            labels = downsample_labels(mask, out["embed_hidden"].shape[-2:]).flatten(1)
+            labels = self.grid_labels(mask, out["embed_hidden"].shape[-2:]).flatten(1)
             pk, pl, rk, rl = memory_keys(emb, labels, self.info.num_classes, cfg.pixel_update_freq)
             self.memory.push("pixel", all_gather_rows(pk), all_gather_rows(pl))
             self.memory.push("region", all_gather_rows(rk), all_gather_rows(rl))

@@ -4,7 +4,10 @@
 
 - ``logits``: (B, C, H/4, W/4) class scores at the decoder stride (upsample for full resolution);
 - ``features``: (B, D, H/4, W/4) the decoder feature map (what pixel contrast projects);
-- ``stages``: the encoder's four feature maps at strides 4, 8, 16, 32 (what Contextrast projects);
+- ``stages``: the encoder's four feature maps at strides 4, 8, 16, 32;
+- ``pyramid``: the decoder's four refined levels at strides 4, 8, 16, 32 (D channels each), which
+  it upsamples, sums and fuses into ``features`` (what Contextrast contrasts with
+  ``contrast_features="decoder"``);
 - one entry per training-only head (``heads``), each computed from the dict above.
 
 Training-only heads live in ``self.heads``; ``drop_heads()`` (or ``deploy_state_dict()``) removes
@@ -56,7 +59,9 @@ class FPNDecoder(nn.Module):
         self.fuse = conv_bn_relu(channels, channels)
         self.out_channels = channels
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(fused stride-4 map, the refined pyramid levels shallow to deep) for the encoder's
+        stages ``feats`` (shallow to deep)."""
         x = self.lateral[-1](feats[-1])
         levels = [self.smooth[-1](x)]
         for i in range(len(feats) - 2, -1, -1):
@@ -66,7 +71,7 @@ class FPNDecoder(nn.Module):
             levels.append(self.smooth[i](x))
         size = feats[0].shape[-2:]
         y = sum(F.interpolate(l, size=size, mode="bilinear", align_corners=False) for l in levels[:-1])
-        return self.fuse(y + levels[-1])
+        return self.fuse(y + levels[-1]), levels[::-1]
 
 
 def create_encoder(encoder: str, pretrained: bool | str = False, in_chans: int = 3) -> nn.Module:
@@ -188,8 +193,9 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor, with_heads: bool | None = None) -> dict[str, torch.Tensor]:
         """Run the model. Heads run when ``with_heads`` is True, or by default in training mode."""
         stages = self._stages(x)
-        features = self.decoder(stages)
-        out: dict = {"logits": self.classifier(features), "features": features, "stages": stages}
+        features, pyramid = self.decoder(stages)
+        out: dict = {"logits": self.classifier(features), "features": features, "stages": stages,
+                     "pyramid": pyramid}
         if with_heads if with_heads is not None else self.training:
             for head in self.heads.values():
                 out.update(head(out))
