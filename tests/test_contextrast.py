@@ -240,6 +240,10 @@ def test_the_folded_projection_equals_the_materialised_embeddings():
 
 
 def method(C=5, **kw):
+    """The method with the loop oracle's reading of the paper: labels and predictions put on each
+    stage's grid by the nearest rule (pixel (s i, s j)) and BANE's distances measured on each
+    stage's own grid; ``label_grid`` and ``bane_distance`` have tests of their own."""
+    kw = {"label_grid": "nearest", "bane_distance": "stage", **kw}
     cfg = make_config(ContextrastConfig, **kw)
     return Contextrast(cfg, DatasetInfo("t", tuple(f"c{i}" for i in range(C)), ((0, 0, 0),) * C), 100)
 
@@ -372,3 +376,50 @@ def test_contrast_features_decide_whether_the_contrast_reaches_the_decoder(sourc
         assert all(g is None or g.abs().sum() == 0 for g in decoder.values())
     assert grads["classifier.weight"] is None
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder."))
+
+
+def test_bane_at_a_coarse_stage_keeps_the_error_cells_nearest_the_boundary():
+    """A 16-cell band of missed class-1 pixels on the stride-4 grid (64x64) is 2 cells wide on the
+    stride-32 grid (8x8): there every error cell is 1 cell from the region's edge, and BANE measured
+    on that grid (``bane_distance="stage"``) keeps all 16 of them. Measured on the fine grid and
+    pooled, the cells whose centres lie nearer the band's edge are kept first: half of them, the
+    column whose centre is 4 fine cells from the edge rather than 5."""
+    from ctxseg.methods.pixel_contrast import downsample_labels
+
+    fine_labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    fine_labels[:, :, 32:] = 1
+    fine_preds = fine_labels.clone()
+    fine_preds[:, :, 32:48] = 0  # class 1 missed in columns 32..47
+    coarse = {"labels": downsample_labels(fine_labels, (8, 8)), "preds": downsample_labels(fine_preds, (8, 8))}
+    error = coarse["labels"] != coarse["preds"]
+    assert error.sum() == 16 and error[0, :, 4:6].all()  # columns 4 and 5 of the coarse grid
+    targets = [{"labels": fine_labels, "preds": fine_preds}, coarse]
+    info = DatasetInfo("t", ("a", "b"), ((0, 0, 0), (1, 1, 1)))
+    kept = {}
+    for where in ("stage", "fine"):
+        cfg = make_config(ContextrastConfig, iters=1, bane_distance=where, bane_ratio=0.5)
+        maps = Contextrast(cfg, info).bane(targets)
+        kept[where] = maps[1]["kept"]
+    assert kept["stage"].sum() == 16  # every distance ties at 1 on the coarse grid
+    assert kept["fine"].sum() == 8 and kept["fine"][0, :, 4].all() and not kept["fine"][0, :, 5].any()
+    assert not (kept["fine"] & ~error).any()
+
+
+def test_contrast_warmup_trains_ce_alone_then_switches_the_contrast_on():
+    from ctxseg.data import SyntheticScenes
+    from ctxseg.engine.evaluate import build_model
+
+    ds = SyntheticScenes("train", length=2, size=(64, 64))
+    items = [ds[i] for i in range(2)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "mask")}
+    cfg = make_config(ContextrastConfig, iters=12, encoder="test_resnet", contrast_warmup=0.25).resolved()
+    method = Contextrast(cfg, ds.info, total_iters=12)
+    model = build_model(cfg, ds.info.num_classes, heads=method.heads).train()
+    out = model(batch["image"])
+    early, terms = method(out, batch, step=2)  # 0.25 * 12 = 3 steps of CE alone
+    assert early.item() == pytest.approx(terms["ce"].item()) and terms["contrast"].item() == 0.0
+    early.backward()  # the heads are in the graph, with zero gradient
+    assert all(p.grad is not None and not p.grad.any() for p in model.heads.parameters())
+    late, terms = method(model(batch["image"]), batch, step=3)
+    assert terms["contrast"].item() > 0
+    assert late.item() == pytest.approx(terms["ce"].item() + cfg.contrast_weight * terms["contrast"].item(), rel=1e-5)

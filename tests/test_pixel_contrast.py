@@ -451,9 +451,11 @@ def test_labels_are_downsampled_on_the_embedding_stride():
     H, W, s = 32, 48, 4
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     mask = (ys * W + xs)[None]  # each pixel labelled with its own position
-    small = downsample_labels(mask, (H // s, W // s))[0]
     i, j = torch.meshgrid(torch.arange(H // s), torch.arange(W // s), indexing="ij")
-    assert torch.equal(small, (i * s) * W + j * s)
+    # center (the default): the pixel at (s i + 1, s j + 1), the centre of each 4x4 block (rounded down)
+    assert torch.equal(downsample_labels(mask, (H // s, W // s))[0], (i * s + 1) * W + j * s + 1)
+    # nearest, the former rule: the block's top-left pixel
+    assert torch.equal(downsample_labels(mask, (H // s, W // s), "nearest")[0], (i * s) * W + j * s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -656,3 +658,33 @@ def test_config_class_names_its_method_and_a_mismatch_is_refused(tmp_path):
     wrong = make_config(CEConfig, "synthetic", method="pixel_contrast", out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="PixelContrastConfig"):
         Trainer(wrong, PixelContrast, progress=False)
+
+
+def test_labels_on_the_encoders_grids_come_from_the_blocks_the_cells_cover():
+    """At 180x240 the default encoder ("same" padding) gives stage grids of 45x60 and 6x8: stride
+    32 over 180 rows is 6 cells, a pitch of 30 px. A hand-built mask labels each 32-row block (and
+    each 4-row block) by its index: the ``center`` rule gives every cell its own block's label,
+    where ``nearest`` (the former rule) drifts a block behind toward the bottom; ``majority`` agrees
+    with ``center`` on pure blocks and ignores an impure one."""
+    from ctxseg.methods.pixel_contrast import grid_stride
+    from ctxseg.models import Segmenter
+
+    model = Segmenter(11, "tf_efficientnet_lite0").eval()
+    with torch.no_grad():
+        stages = model(torch.zeros(1, 3, 180, 240))["stages"]
+    assert [tuple(f.shape[-2:]) for f in stages] == [(45, 60), (23, 30), (12, 15), (6, 8)]
+    assert [grid_stride(180, f.shape[-2]) for f in stages] == [4, 8, 16, 32]
+
+    rows = torch.arange(180)
+    by32 = (rows // 32).view(1, 180, 1).expand(1, 180, 240)
+    assert downsample_labels(by32, (6, 8))[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert downsample_labels(by32, (6, 8), "nearest")[0, :, 0].tolist() == [0, 0, 1, 2, 3, 4]
+    assert downsample_labels(by32, (6, 8), "majority")[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    by4 = (rows // 4 % 7).view(1, 180, 1).expand(1, 180, 240)
+    assert downsample_labels(by4, (45, 60))[0, :, 0].tolist() == [i % 7 for i in range(45)]
+    # A stride-32 cell astride two classes: 20 rows of one, 12 of the other.
+    mixed = torch.zeros(1, 180, 240, dtype=torch.long)
+    mixed[:, 20:] = 3
+    assert downsample_labels(mixed, (6, 8), "majority")[0, 0, 0].item() == 0  # 20/32 > 0.5
+    assert downsample_labels(mixed, (6, 8), "majority", purity=0.7)[0, 0, 0].item() == 255
+    assert downsample_labels(mixed, (6, 8), "center")[0, 0, 0].item() == 0  # row 15

@@ -58,6 +58,7 @@ from ctxseg.models.segmenter import Head, class_argmax
 BANE_NEGATIVES = ("missed", "false_positives")
 BANE_PERCENTILES = ("image", "batch")
 CONTRAST_FEATURES = ("encoder", "decoder")
+BANE_DISTANCES = ("fine", "stage")
 
 
 @dataclass
@@ -82,6 +83,15 @@ class ContextrastConfig(TrainConfig):
             predicted c whose label is not c.
         bane_percentile: ``"image"`` (**CHOICE**, default): K_s per image and class; ``"batch"``:
             per class over the whole batch.
+        contrast_warmup: fraction of the run trained with CE only before the contrast switches on
+            (**CHOICE**: 0, the paper is silent; the public pixel-contrast code keeps its contrast
+            off for the first 5000 of 30000 CamVid steps, 1/6, and before that BANE would read the
+            predictions of an untrained model).
+        bane_distance: where the distance to an error region's edge is measured (**CHOICE**):
+            ``"fine"`` (default), on the finest stage's grid (stride 4) and pooled to each coarser
+            stage (``pooled_distance``); ``"stage"``, on each stage's own grid, where at strides
+            16 and 32 every error cell is 1 cell from the edge and BANE keeps them all (ctxseg
+            before issue 22).
         contrast_features: which four maps (strides 4, 8, 16, 32) the projection heads read
             (**CHOICE**): ``"encoder"``, the encoder's stages (the paper's multi-scale encoder
             features; the FPN then stands between them and the classifier, so the contrast never
@@ -111,6 +121,8 @@ class ContextrastConfig(TrainConfig):
     bane_negatives: str = "missed"
     bane_percentile: str = "image"
     contrast_features: str = "encoder"
+    bane_distance: str = "fine"
+    contrast_warmup: float = 0.0
     label_grid: str = "center"
     label_purity: float = 0.5
 
@@ -129,6 +141,10 @@ class ContextrastConfig(TrainConfig):
         if self.bane_negatives not in BANE_NEGATIVES:
             raise ValueError(f"bane_negatives must be one of {BANE_NEGATIVES}, got {self.bane_negatives!r}")
         check_label_grid(self)
+        if not 0.0 <= self.contrast_warmup <= 1.0:
+            raise ValueError(f"contrast_warmup is a fraction of the run in [0, 1], got {self.contrast_warmup}")
+        if self.bane_distance not in BANE_DISTANCES:
+            raise ValueError(f"bane_distance must be one of {BANE_DISTANCES}, got {self.bane_distance!r}")
         if self.contrast_features not in CONTRAST_FEATURES:
             raise ValueError(f"contrast_features must be one of {CONTRAST_FEATURES}, got {self.contrast_features!r}")
         if self.bane_percentile not in BANE_PERCENTILES:
@@ -338,9 +354,12 @@ def bane_select(
     negatives: str = "missed",
     per_image: bool = True,
     gather_rows=None,
+    distance: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Boundary-aware negatives on one stage's grid, from (B, h, w) labels (ignore = 255) and
-    predictions.
+    predictions. ``distance`` (B, h, w): each error pixel's distance to its region's edge,
+    measured elsewhere (``pooled_distance``: on a finer grid); None: ``edge_distance`` on this
+    grid.
 
     Error pixels are valid pixels with ``pred != label``; their region class is the label
     (``negatives="missed"``) or the prediction (``"false_positives"``). In each error region (per
@@ -359,7 +378,7 @@ def bane_select(
     valid = (labels >= 0) & (labels < C)
     error = valid & (preds != labels)
     region = torch.where(error, labels if negatives == "missed" else preds, -1)
-    dist = torch.where(error, edge_distance(region), 0.0)
+    dist = torch.where(error, edge_distance(region) if distance is None else distance, 0.0)
     kept = torch.zeros_like(error)
     idx = error.flatten().nonzero().squeeze(1)
     d = dist.flatten()[idx]
@@ -375,6 +394,41 @@ def bane_select(
     if idx.numel():
         kept.view(-1)[idx] = d <= cut[group]
     return {"region": region, "distance": dist, "kept": kept}
+
+
+def pooled_distance(fine_region: torch.Tensor, fine_distance: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Edge distances for a coarse grid's error regions, measured on a finer grid where they
+    discriminate (**CHOICE**, ``bane_distance="fine"``): at stride 32 an error region is one or two
+    cells thick, so every distance on that grid is 1 and BANE keeps them all.
+
+    (B, h, w) ``region`` (a coarse cell's region class, -1 outside the error regions) against the
+    (B, H, W) ``fine_region`` and ``fine_distance`` of ``bane_select`` on the finer grid, whose cells
+    group into s x s blocks under each coarse cell (s = ``grid_stride``). A coarse error cell gets
+    the fine distance of its block's centre cell (where the coarse cell's label and prediction are
+    read, ``downsample_labels``) when that cell is in the same error region, else the least fine
+    distance among its block's error cells of its region class, in fine cells; a cell whose block
+    has none (an error seen only at the coarse scale) gets its coarse-grid distance times s,
+    ranking it behind every cell whose error is seen at the fine scale."""
+    from ctxseg.methods.pixel_contrast import grid_stride
+
+    B, H, W = fine_region.shape
+    h, w = region.shape[-2:]
+    sy, sx = grid_stride(H, h), grid_stride(W, w)
+    pad = (0, w * sx - W, 0, h * sy - H)
+    fr = F.pad(fine_region, pad, value=-1).reshape(B, h, sy, w, sx).permute(0, 1, 3, 2, 4).reshape(B, h, w, -1)
+    fd = F.pad(fine_distance, pad, value=0.0).reshape(B, h, sy, w, sx).permute(0, 1, 3, 2, 4).reshape(B, h, w, -1)
+    match = (fr == region[..., None]) & (region[..., None] >= 0)
+    nearest = torch.where(match, fd, float("inf")).amin(-1)
+    # The block's centre cell, as downsample_labels reads it (blocks at the edge are cut short).
+    from ctxseg.methods.pixel_contrast import _block_centres
+
+    cy = _block_centres(H, h, sy, region.device) - torch.arange(h, device=region.device) * sy
+    cx = _block_centres(W, w, sx, region.device) - torch.arange(w, device=region.device) * sx
+    centre = (cy[:, None] * sx + cx[None, :]).expand(B, h, w)[..., None]
+    at_centre = torch.where(match.gather(-1, centre), fd.gather(-1, centre), float("inf"))[..., 0]
+    fine = torch.where(torch.isfinite(at_centre), at_centre, nearest)
+    coarse = edge_distance(region) * max(sy, sx)
+    return torch.where(torch.isfinite(fine), fine, coarse)
 
 
 def _group_cuts(group: torch.Tensor, d: torch.Tensor, num_groups: int, ratio: float) -> torch.Tensor:
@@ -497,15 +551,22 @@ class Contextrast(Method):
         return targets
 
     def bane(self, targets, ratio: float | None = None) -> list[dict[str, torch.Tensor]]:
-        """BANE maps (``bane_select``) for each stage's targets, at ``ratio`` (default: K_s)."""
+        """BANE maps (``bane_select``) for each stage's targets, at ``ratio`` (default: K_s), the
+        coarser stages' distances measured on the finest stage's grid (``bane_distance="fine"``)."""
         cfg = self.cfg
         ratio = cfg.bane_ratio if ratio is None else ratio
         rows = all_gather_rows if contrast_world(cfg) > 1 else None
-        return [
-            bane_select(t["labels"], t["preds"], self.info.num_classes, ratio, cfg.bane_negatives,
-                        cfg.bane_percentile == "image", rows)
-            for t in targets
-        ]
+        C, per_image = self.info.num_classes, cfg.bane_percentile == "image"
+        fine = bane_select(targets[0]["labels"], targets[0]["preds"], C, ratio, cfg.bane_negatives, per_image, rows)
+        maps = [fine]
+        for t in targets[1:]:
+            distance = None
+            if cfg.bane_distance == "fine":
+                error = (t["labels"] >= 0) & (t["labels"] < C) & (t["preds"] != t["labels"])
+                region = torch.where(error, t["labels"] if cfg.bane_negatives == "missed" else t["preds"], -1)
+                distance = pooled_distance(fine["region"], fine["distance"], region)
+            maps.append(bane_select(t["labels"], t["preds"], C, ratio, cfg.bane_negatives, per_image, rows, distance))
+        return maps
 
     def anchors(self, out, targets, scales=None):
         """(anchors, present) of every stage (see ``representative_anchors``): over the global
@@ -546,7 +607,12 @@ class Contextrast(Method):
         cfg = self.cfg
         mask = batch["mask"]
         ce = cross_entropy(out["logits"], mask)
-        contrast, stages = self.contrast(out, mask)
+        if step >= round(cfg.contrast_warmup * self.total_iters):
+            contrast, stages = self.contrast(out, mask)
+        else:  # CE only; the heads stay in the graph (DDP), and +0 keeps "-0.0" out of the log
+            leaves = [h.sum() for h in out["stage_hidden"]] + [w.sum() + b.sum() for w, b in out["stage_proj"]]
+            contrast = sum(leaves) * 0.0 + 0.0
+            stages = [contrast.detach()] * len(out["stage_hidden"])
         terms = {"ce": ce.detach()}
         terms.update({f"contrast_s{i + 1}": li.detach() for i, li in enumerate(stages)})
         terms["contrast"] = contrast.detach()
