@@ -5,7 +5,7 @@ default; ``majority``, which agrees with the majority by construction and instea
 cells below ``label_purity``).
 
     python benchmarks/label_grid.py [--data camvid --data-root ../shared/data/camvid] [--crop 180 240]
-        [--images 64] [--small pole sign pedestrian bicyclist]
+        [--images 64] [--small Pole SignSymbol Pedestrian Bicyclist]
 
 Reads --images training crops as ``ctxseg train`` draws them (the dataset's train transform,
 seed 0). A cell counts when its block has a valid majority label; "small" restricts to cells
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--data-root", default="../shared/data/camvid")
     p.add_argument("--crop", type=int, nargs=2, default=(180, 240))
     p.add_argument("--images", type=int, default=64)
-    p.add_argument("--small", nargs="*", default=["pole", "sign", "pedestrian", "bicyclist"])
+    p.add_argument("--small", nargs="*", default=["Pole", "SignSymbol", "Pedestrian", "Bicyclist"])
     args = p.parse_args()
     cfg = make_config(CEConfig, args.data, data_root=args.data_root if args.data != "synthetic" else None,
                       crop=tuple(args.crop))
