@@ -248,9 +248,12 @@ def test_parallel_jobs_train_the_same_runs_as_one_at_a_time(tiny_study, tmp_path
 
 
 def test_job_resources_divide_the_cpus():
-    assert job_resources(2, cpus=8) == (4, 3)
+    # Each of N jobs gets cpus // N torch threads (at least 1) and, as one of N torchrun processes,
+    # cpus // N low-priority loader workers (at least 1, at most 8).
+    assert job_resources(2, cpus=8) == (4, 4)
     assert job_resources(3, cpus=2) == (1, 1)
-    assert job_resources(2, threads=1, cpus=16) == (1, 7)
+    assert job_resources(2, threads=1, cpus=16) == (1, 8)
+    assert job_resources(4, cpus=12) == (3, 3)
 
 
 @pytest.mark.slow
