@@ -71,3 +71,50 @@ def test_class_argmax_is_argmax_over_classes_first_on_ties(channels_last):
     first = torch.stack([torch.nonzero(x[b, :, i, j] == x[b, :, i, j].max())[0, 0]
                          for b in range(2) for i in range(6) for j in range(7)]).view(2, 6, 7)
     assert torch.equal(got, first) and torch.equal(got, x.argmax(1))
+
+
+@pytest.mark.parametrize("encoder, channels_last", [("tf_efficientnet_lite0", True), ("test_resnet", False)])
+def test_folded_batchnorm_predicts_what_the_model_predicts_without_its_norm_passes(encoder, channels_last):
+    from ctxseg.engine.evaluate import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = Segmenter(5, encoder, channels_last=channels_last).train()
+    with torch.no_grad():  # running statistics far from the identity
+        for _ in range(3):
+            model(torch.randn(4, 3, 64, 64) * 3 + 1)
+    model.eval()
+    x = torch.randn(2, 3, 72, 96)
+    with torch.no_grad():
+        fast = fold_batchnorm(model, x[:1], with_heads=False)
+        assert fast is not model
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        calls = []
+        hooks = [m.register_forward_pre_hook(lambda m, i: calls.append(m)) for m in fast.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        got, want = fast(x, with_heads=False)["logits"], model(x, with_heads=False)["logits"]
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(calls) == len(norms)  # every norm is still called (its activation runs) ...
+    assert all(m.forward.__func__ is not type(m).forward for m in calls)  # ... through the folded path
+    assert model.decoder.fuse[0].bias is None  # the model itself is untouched
+
+
+def test_fold_batchnorm_leaves_a_model_alone_where_a_conv_output_is_read_twice():
+    from ctxseg.engine.evaluate import fold_batchnorm
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv's output also goes around the norm
+
+    model = Twice()
+    model.bn.running_mean.fill_(0.5)
+    model.bn.running_var.fill_(4.0)
+    model.eval()
+    with torch.no_grad():
+        assert fold_batchnorm(model, torch.randn(1, 3, 8, 8)) is model

@@ -508,6 +508,8 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
     Single scale, no flip, no CRF. Returns ``{"cam", "pseudo", "cls_ap", "protocol"}``; the
     protocol names the split and counts the images read (``weak_eval_images`` may make them a subset).
     """
+    from ctxseg.engine.evaluate import fold_batchnorm
+
     was_training = model.training
     model.eval()
     method = WSSSCam(cfg, info)
@@ -517,11 +519,14 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
     pseudo_m = SegMetrics(c + 1, boundary_px=cfg.boundary_px, class_names=[*names, "unlabelled"], device=device)
     labelled = torch.zeros(2, dtype=torch.float64, device=device)
     scores, all_tags = [], []
+    infer = None
     for batch in tqdm(loader, desc="eval CAM + pseudo labels", leave=False, disable=not progress):
         image = batch["image"].to(device)
         mask = batch["mask"].to(device)
         tags = batch["tags"].to(device)
-        logits = model(image, with_heads=False)["logits"].float()
+        if infer is None:  # BatchNorm folded into the convolutions (the same numbers, faster)
+            infer = fold_batchnorm(model, image[:1], with_heads=False) if isinstance(model, torch.nn.Module) else model
+        logits = infer(image, with_heads=False)["logits"].float()
         y = cam_logits(logits, info.background, cfg.background_logit)
         cams = y.softmax(1)  # = method.cams(logits)
         scores.append(class_scores(y, cams, cfg.ngwp_eps, cfg.focal_p, cfg.focal_lambda).cpu())
