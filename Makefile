@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
-# Train every method on the synthetic default (about 13 min on a 2-core CPU, after setup) and write runs/demo/report.html.
+# Train every method on the synthetic default (about 6.5 min on a 2-core CPU, after setup) and write runs/demo/report.html.
 demo: $(STAMP)
 	$(PY) -m ctxseg demo --out runs/demo
 

@@ -312,7 +312,7 @@ def _add_demo(sub) -> None:
 
 
 # Every method, each for the same number of steps, from the default ImageNet-pretrained encoder
-# (tf_efficientnet_lite0, batch 8, 128x128): about 13 minutes in all on a 2-core laptop CPU (README).
+# (tf_efficientnet_lite0, batch 8, 128x128): about 6 minutes in all on a 2-core laptop CPU (README).
 DEMO_METHODS = ("ce", "pixel_contrast", "contextrast", "wsss_cam", "dscnet")
 DEMO_ITERS = 200
 
