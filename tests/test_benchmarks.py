@@ -74,3 +74,33 @@ def test_cam_checkpoints_follows_a_weak_run_over_its_checkpoints(tmp_path):
     lines = run_bench("cam_checkpoints.py", str(run), "--images", "2", "--classes", "sky").splitlines()
     assert [line.split()[:2] for line in lines] == [["step", "1"], ["step", "2"]], lines
     assert all("sky: IoU" in line and "its pixels ->" in line for line in lines), lines
+
+
+def test_train_step_benchmark_times_ce_with_the_whole_package_at_a_revision():
+    out = run_bench("bench_train_step.py", "--encoder", "test_resnet", "--size", "32", "32", "--batch-size", "2",
+                    "--warmup", "0", "--repeats", "1", "--threads", "1", "--methods", "ce", "ce:channels_last=false",
+                    "--baseline", "HEAD")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith("ce") and line.split()[1].replace(".", "").isdigit()}
+    head = next(k for k in rows if k.startswith("ce@"))
+    assert set(rows) == {"ce", "ce:channels_last=false", head}, out
+    assert rows[head][2].endswith("x") and rows[head][3] == "-", out  # a step time and ratio, no inference
+    assert "in its own process" in out and "/ctxseg/__init__.py" in out, out
+
+
+def test_label_grid_benchmark_reports_each_stride():
+    out = run_bench("label_grid.py", "--data", "synthetic", "--crop", "64", "64", "--images", "4", "--small", "bird")
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["4", "8", "16", "32"], out
+    assert [r[1] for r in rows] == ["16x16", "8x8", "4x4", "2x2"], out
+    assert all(r[3].endswith("%") and r[4].endswith("%") for r in rows), out
+
+
+def test_command_benchmark_times_both_trees(tmp_path):
+    out = run_bench("bench_command.py", "--baseline", "HEAD", "--repeats", "1", "--", "train", "--method", "ce",
+                    "--encoder", "test_resnet", "--crop", "32", "32", "--batch-size", "2", "--iters", "1",
+                    "--set", "synthetic_size=[32, 32]", "--set", "synthetic_train_len=4", "--set", "num_workers=0",
+                    "--set", "eval_batch_size=50")
+    lines = out.splitlines()
+    assert sum("run 1:" in line for line in lines) == 2, out
+    assert lines[-1].strip().endswith("the current tree's time)") and "median" in lines[-1], out
