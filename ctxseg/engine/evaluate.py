@@ -70,6 +70,8 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, **kw) -> torch
     import copy
     import types
 
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model  # nothing to fold (and the model is never called)
     was_training = model.training
     model.eval()
     reference = model(example, **kw)
