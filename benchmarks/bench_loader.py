@@ -47,6 +47,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--train-step", action="store_true", help="also time training steps fed by the loader")
     p.add_argument("--step-workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--step-threads", type=int, nargs="+", default=[2])
+    p.add_argument("--step-nice", type=int, nargs="+", default=[19],
+                   help="niceness of the loader's workers (19: the trainer's; 0: normal priority)")
     p.add_argument("--step-batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="timed steps per setting (default 12)")
     return p.parse_args()
@@ -74,31 +76,31 @@ def time_train_steps(cfg, ds, args) -> None:
 
     print(f"\ntraining steps: {cfg.encoder} (pretrained={cfg.pretrained}), CE, batch {args.step_batch_size}, "
           f"channels_last {cfg.channels_last}; median of {args.steps} steps after 3")
-    print(f"{'workers':>7}{'threads':>8}{'ms/step':>9}{'waits':>8}{'in memory':>11}{'vs no loader':>14}")
-    for threads in args.step_threads:
+    print(f"{'workers':>7}{'nice':>6}{'threads':>8}{'ms/step':>9}{'waits':>8}{'in memory':>11}{'vs no loader':>14}")
+    settings = [(t, w, n) for t in args.step_threads for w in args.step_workers for n in args.step_nice]
+    for threads, workers, nice in settings:
         torch.set_num_threads(threads)
-        for workers in args.step_workers:
-            sampler = TrainBatchSampler(len(ds), args.step_batch_size, cfg.seed)
-            stream = endless(train_loader(ds, sampler, workers, pin_memory=False), sampler)
-            held = next(stream)
-            for _ in range(3):
-                step(next(stream))
-                step(held)
-            fed, waits, mem = [], [], []
-            for _ in range(args.steps):  # loader-fed and in-memory steps take turns
-                t0 = time.perf_counter()
-                batch = next(stream)
-                t1 = time.perf_counter()
-                step(batch)
-                t2 = time.perf_counter()
-                step(held)
-                mem.append(time.perf_counter() - t2)
-                fed.append(t2 - t0)
-                waits.append((t1 - t0) / (t2 - t0))
-            del stream
-            f, m = statistics.median(fed) * 1e3, statistics.median(mem) * 1e3
-            print(f"{workers:>7}{threads:>8}{f:>9.0f}{100 * statistics.mean(waits):>7.1f}%{m:>11.0f}"
-                  f"{100 * (f / m - 1):>+13.1f}%")
+        sampler = TrainBatchSampler(len(ds), args.step_batch_size, cfg.seed)
+        stream = endless(train_loader(ds, sampler, workers, pin_memory=False, worker_nice=nice), sampler)
+        held = next(stream)
+        for _ in range(3):
+            step(next(stream))
+            step(held)
+        fed, waits, mem = [], [], []
+        for _ in range(args.steps):  # loader-fed and in-memory steps take turns
+            t0 = time.perf_counter()
+            batch = next(stream)
+            t1 = time.perf_counter()
+            step(batch)
+            t2 = time.perf_counter()
+            step(held)
+            mem.append(time.perf_counter() - t2)
+            fed.append(t2 - t0)
+            waits.append((t1 - t0) / (t2 - t0))
+        del stream
+        f, m = statistics.median(fed) * 1e3, statistics.median(mem) * 1e3
+        print(f"{workers:>7}{nice:>6}{threads:>8}{f:>9.0f}{100 * statistics.mean(waits):>7.1f}%{m:>11.0f}"
+              f"{100 * (f / m - 1):>+13.1f}%")
 
 
 def endless(loader, sampler):

@@ -62,8 +62,8 @@ class TrainConfig:
             the synthetic default it was no faster than float32 with channels_last (README, Speed).
         channels_last: run the model in the NHWC memory layout (``Segmenter``): training, evaluation,
             CAMs, embeddings and plots alike. The same model and, up to float rounding, the same
-            numbers; about 1.6x faster per CPU training step for the default encoder (README,
-            Speed). false: PyTorch's default NCHW layout. A runtime setting: a run trained in one
+            numbers; a CE training step of the default segmenter at 180x240 on 2 CPU cores took 507
+            ms against 684 ms in NCHW (README, Speed). false: PyTorch's default NCHW layout. A runtime setting: a run trained in one
             layout is reused, resumed and evaluated in the other.
         deterministic: ask cuDNN / CUDA for deterministic kernels (CPU runs are deterministic).
         num_workers: DataLoader worker processes per process; None (auto, the default): the CPU

@@ -44,8 +44,8 @@ class RandomScale(v2.Transform):
 def shift_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
     """Rotate the HSV hue of a float RGB image (..., 3, H, W) in [0, 1] by ``hue_factor`` turns,
     keeping each pixel's value (max) and chroma (max - min): the same map as torchvision's
-    ``adjust_hue`` (RGB -> HSV -> RGB), in a quarter of its time (no HSV round trip, no division by
-    the value, one hue formula for the three channels)."""
+    ``adjust_hue`` (RGB -> HSV -> RGB), in half its time (1.0 against 2.0 ms for a 180x240 crop: no
+    HSV round trip, no division by the value, one hue formula for the three channels)."""
     r, g, b = image.unbind(-3)
     v = torch.maximum(torch.maximum(r, g), b)
     chroma = v - torch.minimum(torch.minimum(r, g), b)
@@ -62,8 +62,8 @@ def shift_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
 class ColorJitter(v2.ColorJitter):
     """torchvision's ColorJitter (the same random factors and order, drawn the same way) on the
     float image, with ``shift_hue`` for its hue step: the image leaves it as float32 in [0, 1]
-    (no rounding to uint8 between the four steps), and hue, 2 of the 3 ms a 180x240 crop spent
-    here, costs a quarter of that. Masks and validity maps pass through untouched."""
+    (no rounding to uint8 between the four steps); the four steps take 1.5 ms for a 180x240 crop
+    against torchvision's 2.9 ms on uint8. Masks and validity maps pass through untouched."""
 
     def transform(self, inpt, params):
         if not isinstance(inpt, tv_tensors.Image):

@@ -60,7 +60,8 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, **kw) -> torch
     """An inference copy of ``model`` (eval mode) in which every BatchNorm that normalises a
     convolution's output directly has its fixed affine map folded into that convolution's weights
     and bias, and is skipped (its activation, for timm's BatchNormAct2d, kept): one pass fewer over
-    every feature map (about 15 % of the default segmenter's CPU inference).
+    every feature map (the default segmenter at 360x480 on 2 CPU cores: 0.26 s a batch of 4 against
+    0.37 s).
 
     The pairs are found by running ``example`` through the copy with hooks (a BatchNorm whose input
     is the very tensor a Conv2d just returned); the copy's output on ``example`` is then checked
@@ -131,7 +132,7 @@ def evaluate(
     Predictions are made at the image's resolution and compared with labels at theirs (the
     logits are upsampled to the label size), so numbers are those of the native label maps.
     ``fold_bn``: predict with ``fold_batchnorm``'s copy of the model (BatchNorm folded into the
-    convolutions: the same predictions up to float rounding, about 15 % faster on a CPU)."""
+    convolutions: the same predictions up to float rounding, faster on a CPU)."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(info.num_classes, boundary_px=boundary_px, class_names=info.class_names, device=device)

@@ -8,6 +8,7 @@ a run with a different number of workers, and an uninterrupted run see the same 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -115,7 +116,8 @@ class ClassAwareBatchSampler(TrainBatchSampler):
         return grouped[torch.argsort(run_order[run_id], stable=True)]
 
 
-def train_loader(dataset, sampler: TrainBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+def train_loader(dataset, sampler: TrainBatchSampler, num_workers: int, pin_memory: bool,
+                 worker_nice: int = 19) -> DataLoader:
     """The training loader. It gets a generator of its own: a DataLoader draws a seed for its
     workers from the global RNG each time an iterator starts (each epoch), and a resumed run
     starts one mid-epoch, which would shift the global random stream that methods sample anchors
@@ -127,18 +129,19 @@ def train_loader(dataset, sampler: TrainBatchSampler, num_workers: int, pin_memo
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_lower_priority if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_lower_priority, nice=worker_nice) if num_workers > 0 else None,
     )
 
 
-def _lower_priority(worker_id: int) -> None:
-    """Run a loader worker at the lowest CPU priority: it then loads in the time the
-    training step leaves idle, instead of taking cores from the step's threads. On 2 cores
-    (CamVid, 180x240 crops, batch 8, 2 torch threads, 2 workers) the step took 21 % longer than on
-    a batch held in memory with workers at normal priority, 6-9 % with them at nice 19, and waited
-    for data 5-7 % of its time (``benchmarks/bench_loader.py --train-step``)."""
-    if hasattr(os, "nice"):
-        os.nice(19)
+def _lower_priority(worker_id: int, nice: int = 19) -> None:
+    """Run a loader worker ``nice`` steps lower in CPU priority (19, the lowest, by default): it
+    then loads in the time the training step leaves idle, instead of taking cores from the step's
+    threads. On 2 cores (CamVid, 180x240 crops, batch 8, 2 torch threads, 2 workers) the step took
+    21 % longer than on a batch held in memory with workers at normal priority, 6-9 % with them at
+    nice 19, and waited for data 5-7 % of its time (``benchmarks/bench_loader.py --train-step
+    --step-nice 0 19``)."""
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int, dist: DistInfo = DistInfo()) -> DataLoader:

@@ -52,7 +52,7 @@ from torch import nn
 from ctxseg.config import TrainConfig
 from ctxseg.engine.distributed import all_gather_rows, contrast_gather, contrast_world, sum_gathered
 from ctxseg.methods.base import Method, cross_entropy
-from ctxseg.methods.pixel_contrast import check_label_grid, downsample_labels
+from ctxseg.methods.pixel_contrast import block_centres, check_label_grid, downsample_labels, grid_stride
 from ctxseg.models.segmenter import Head, class_argmax
 
 BANE_NEGATIVES = ("missed", "false_positives")
@@ -354,12 +354,12 @@ def bane_select(
     negatives: str = "missed",
     per_image: bool = True,
     gather_rows=None,
-    distance: torch.Tensor | None = None,
+    fine: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Boundary-aware negatives on one stage's grid, from (B, h, w) labels (ignore = 255) and
-    predictions. ``distance`` (B, h, w): each error pixel's distance to its region's edge,
-    measured elsewhere (``pooled_distance``: on a finer grid); None: ``edge_distance`` on this
-    grid.
+    predictions. ``fine``: this function's result on a finer grid of the same images, to measure
+    each error pixel's distance to its region's edge there (``pooled_distance``); None:
+    ``edge_distance`` on this grid.
 
     Error pixels are valid pixels with ``pred != label``; their region class is the label
     (``negatives="missed"``) or the prediction (``"false_positives"``). In each error region (per
@@ -378,7 +378,8 @@ def bane_select(
     valid = (labels >= 0) & (labels < C)
     error = valid & (preds != labels)
     region = torch.where(error, labels if negatives == "missed" else preds, -1)
-    dist = torch.where(error, edge_distance(region) if distance is None else distance, 0.0)
+    distance = edge_distance(region) if fine is None else pooled_distance(fine["region"], fine["distance"], region)
+    dist = torch.where(error, distance, 0.0)
     kept = torch.zeros_like(error)
     idx = error.flatten().nonzero().squeeze(1)
     d = dist.flatten()[idx]
@@ -409,8 +410,6 @@ def pooled_distance(fine_region: torch.Tensor, fine_distance: torch.Tensor, regi
     distance among its block's error cells of its region class, in fine cells; a cell whose block
     has none (an error seen only at the coarse scale) gets its coarse-grid distance times s,
     ranking it behind every cell whose error is seen at the fine scale."""
-    from ctxseg.methods.pixel_contrast import grid_stride
-
     B, H, W = fine_region.shape
     h, w = region.shape[-2:]
     sy, sx = grid_stride(H, h), grid_stride(W, w)
@@ -420,10 +419,8 @@ def pooled_distance(fine_region: torch.Tensor, fine_distance: torch.Tensor, regi
     match = (fr == region[..., None]) & (region[..., None] >= 0)
     nearest = torch.where(match, fd, float("inf")).amin(-1)
     # The block's centre cell, as downsample_labels reads it (blocks at the edge are cut short).
-    from ctxseg.methods.pixel_contrast import _block_centres
-
-    cy = _block_centres(H, h, sy, region.device) - torch.arange(h, device=region.device) * sy
-    cx = _block_centres(W, w, sx, region.device) - torch.arange(w, device=region.device) * sx
+    cy = block_centres(H, h, sy, region.device) - torch.arange(h, device=region.device) * sy
+    cx = block_centres(W, w, sx, region.device) - torch.arange(w, device=region.device) * sx
     centre = (cy[:, None] * sx + cx[None, :]).expand(B, h, w)[..., None]
     at_centre = torch.where(match.gather(-1, centre), fd.gather(-1, centre), float("inf"))[..., 0]
     fine = torch.where(torch.isfinite(at_centre), at_centre, nearest)
@@ -557,15 +554,10 @@ class Contextrast(Method):
         ratio = cfg.bane_ratio if ratio is None else ratio
         rows = all_gather_rows if contrast_world(cfg) > 1 else None
         C, per_image = self.info.num_classes, cfg.bane_percentile == "image"
-        fine = bane_select(targets[0]["labels"], targets[0]["preds"], C, ratio, cfg.bane_negatives, per_image, rows)
-        maps = [fine]
+        maps = [bane_select(targets[0]["labels"], targets[0]["preds"], C, ratio, cfg.bane_negatives, per_image, rows)]
+        fine = maps[0] if cfg.bane_distance == "fine" else None
         for t in targets[1:]:
-            distance = None
-            if cfg.bane_distance == "fine":
-                error = (t["labels"] >= 0) & (t["labels"] < C) & (t["preds"] != t["labels"])
-                region = torch.where(error, t["labels"] if cfg.bane_negatives == "missed" else t["preds"], -1)
-                distance = pooled_distance(fine["region"], fine["distance"], region)
-            maps.append(bane_select(t["labels"], t["preds"], C, ratio, cfg.bane_negatives, per_image, rows, distance))
+            maps.append(bane_select(t["labels"], t["preds"], C, ratio, cfg.bane_negatives, per_image, rows, fine))
         return maps
 
     def anchors(self, out, targets, scales=None):

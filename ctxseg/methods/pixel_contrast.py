@@ -222,7 +222,7 @@ def check_label_grid(cfg) -> None:
         raise ValueError(f"label_purity must be in (0, 1], got {cfg.label_purity}")
 
 
-def _block_centres(full: int, cells: int, stride: int, device) -> torch.Tensor:
+def block_centres(full: int, cells: int, stride: int, device) -> torch.Tensor:
     """The centre pixel of each cell's block [s i, min(s i + s, full)) along one axis."""
     lo = torch.arange(cells, device=device) * stride
     hi = (lo + stride).clamp(max=full)
@@ -250,7 +250,7 @@ def downsample_labels(mask: torch.Tensor, size: tuple[int, int], rule: str = "ce
         return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long()
     sy, sx = grid_stride(H, h), grid_stride(W, w)
     if rule == "center":
-        return mask[:, _block_centres(H, h, sy, mask.device)][:, :, _block_centres(W, w, sx, mask.device)]
+        return mask[:, block_centres(H, h, sy, mask.device)][:, :, block_centres(W, w, sx, mask.device)]
     if rule != "majority":
         raise ValueError(f"label grid rule must be one of {LABEL_GRIDS}, got {rule!r}")
     B = mask.shape[0]

@@ -525,7 +525,7 @@ def evaluate_weak(model, loader, cfg: WSSSConfig, info: DatasetInfo, device, spl
         mask = batch["mask"].to(device)
         tags = batch["tags"].to(device)
         if infer is None:  # BatchNorm folded into the convolutions (the same numbers, faster)
-            infer = fold_batchnorm(model, image[:1], with_heads=False) if isinstance(model, torch.nn.Module) else model
+            infer = fold_batchnorm(model, image[:1], with_heads=False)
         logits = infer(image, with_heads=False)["logits"].float()
         y = cam_logits(logits, info.background, cfg.background_logit)
         cams = y.softmax(1)  # = method.cams(logits)
