@@ -2,8 +2,9 @@
 representative anchors, with boundary-aware negative (BANE) sampling. Loop-free over images and
 classes.
 
-CE on the logits plus ``contrast_weight`` (alpha) times a pixel-to-anchor loss summed over the four
-encoder stages i = 1..4 (strides 4, 8, 16, 32). Per step and stage:
+CE on the logits plus ``contrast_weight`` (alpha) times a pixel-to-anchor loss summed over four
+stages i = 1..4 (strides 4, 8, 16, 32): by default the decoder's maps the classifier reads
+(``contrast_features``), else the encoder's stages. Per step and stage:
 
 1. A training-only projection head (1x1 conv c->c without bias, ReLU, BN, 1x1 conv c->``proj_dim``;
    the head of Pissas et al. ECCV 2022) embeds the stage's features. Embeddings and anchors are
@@ -93,11 +94,12 @@ class ContextrastConfig(TrainConfig):
             16 and 32 every error cell is 1 cell from the edge and BANE keeps them all (ctxseg
             before issue 22).
         contrast_features: which four maps (strides 4, 8, 16, 32) the projection heads read
-            (**CHOICE**): ``"encoder"``, the encoder's stages (the paper's multi-scale encoder
-            features; the FPN then stands between them and the classifier, so the contrast never
-            reaches the decoder); ``"decoder"``, the classifier's input and the decoder's pyramid
-            levels it is built from (``contrasted_maps``), as in the paper's HRNet setting where
-            the contrasted maps are the classifier's own input.
+            (**CHOICE**): ``"decoder"`` (default), the classifier's input and the decoder's
+            pyramid levels it is built from (``contrasted_maps``), as in the paper's HRNet setting
+            where the contrasted maps are the classifier's own input; ``"encoder"``, the
+            encoder's stages (the paper's multi-scale encoder features; the FPN then stands
+            between them and the classifier, so the contrast never reaches the decoder: ctxseg
+            before issue 22). Why the default: README, "Contextrast after issue 22".
         label_grid: how a label is put on each embedding-grid cell (``downsample_labels``, for every stage;
             **CHOICE**): ``center`` (default), the pixel at the centre of the s x s block the
             cell covers; ``majority``, the block's most frequent label, ignored below
@@ -120,7 +122,7 @@ class ContextrastConfig(TrainConfig):
     bane_ratio: float = 0.5
     bane_negatives: str = "missed"
     bane_percentile: str = "image"
-    contrast_features: str = "encoder"
+    contrast_features: str = "decoder"
     bane_distance: str = "fine"
     contrast_warmup: float = 0.0
     label_grid: str = "center"
