@@ -18,7 +18,8 @@ import torch
 
 from ctxseg.config import make_config
 from ctxseg.engine.trainer import build_datasets
-from ctxseg.methods.pixel_contrast import PixelContrastConfig, anchor_counts, downsample_labels
+from ctxseg.methods.contrast import anchor_counts, downsample_labels
+from ctxseg.methods.pixel_contrast import PixelContrastConfig
 
 
 def main() -> None:

@@ -122,6 +122,7 @@ def main() -> None:
     from ctxseg.config import apply_overrides, make_config, parse_set
     from ctxseg.data import build_dataset, train_transform
     from ctxseg.engine.loader import TrainBatchSampler, train_loader
+    from ctxseg.engine.resolve import resolve_config
     from ctxseg.methods.ce import CEConfig
 
     torch.set_num_threads(args.threads)
@@ -161,7 +162,7 @@ def main() -> None:
               f"{1000 * args.batch_size / rate:>14.0f} ms")
     print("'feeds a step of': 1000 * batch / (images/s), the training step this loader keeps busy")
     if args.train_step:
-        time_train_steps(cfg.resolved(), ds, args)
+        time_train_steps(resolve_config(cfg), ds, args)
 
 
 if __name__ == "__main__":

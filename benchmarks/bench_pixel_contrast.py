@@ -29,6 +29,7 @@ import argparse
 import multiprocessing as mp
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MODULE = "ctxseg/methods/pixel_contrast.py"
+MODULE = "ctxseg/methods/contrast.py"
+OLD_MODULE = "ctxseg/methods/pixel_contrast.py"  # where the machinery lived before contrast.py
 
 
 def make_inputs(B, D, c, H, W, C, seed=0):
@@ -71,7 +73,8 @@ def _index_gather(emb, index):
 
 
 def parts(module):
-    """(sample, embed, loss) of a pixel_contrast module, current or from an earlier revision:
+    """(sample, embed, loss) of the module with pixel contrast's sampler and loss (``MODULE``, or
+    ``OLD_MODULE`` at a revision before it), current or from an earlier revision:
     ``embed(hidden, proj, index)`` gives the anchors' normalised embeddings."""
     gather = getattr(module, "gather_anchors", _index_gather)
     if hasattr(module, "project_rows"):
@@ -85,12 +88,15 @@ def parts(module):
 
 def module_at(rev):
     if rev is None:
-        import ctxseg.methods.pixel_contrast as module
+        import ctxseg.methods.contrast as module
 
         return module
     from baseline import load_module_at
 
-    return load_module_at(rev, MODULE)
+    try:
+        return load_module_at(rev, MODULE)
+    except subprocess.CalledProcessError:  # a revision before contrast.py
+        return load_module_at(rev, OLD_MODULE)
 
 
 def vectorised(hidden, proj, labels, preds, C, rev=None):
@@ -110,7 +116,7 @@ def loop_sampling(hidden, proj, labels, preds, C, rev=None):
     """The public reference's split: loops for sampling, one matrix formulation for the loss."""
     import pixel_contrast_oracle as oracle
 
-    from ctxseg.methods.pixel_contrast import contrast_loss
+    from ctxseg.methods.contrast import contrast_loss
 
     feats, y = oracle.sample_anchors(project_map(hidden, proj), labels, preds, C, 1024, 100)
     return contrast_loss(feats, y), len(y)
@@ -216,7 +222,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                    help="variants timed in their own process (the loops take minutes); none: breakdown only")
     p.add_argument("--baseline", default=None, metavar="REV",
-                   help=f"also time {MODULE} as it was at this git revision")
+                   help=f"also time {MODULE} ({OLD_MODULE} before it existed) as it was at this git revision")
     args = p.parse_args()
     print(f"cpu, {args.threads} threads: B={args.batch_size}, {args.dim}-d embeddings from a {args.hidden}-d hidden "
           f"map at {args.size[0]}x{args.size[1]}, {args.classes} classes, max_samples 1024, max_views 100")

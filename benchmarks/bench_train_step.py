@@ -104,7 +104,7 @@ def make_fns(spec: str, ds, batch, encoder: str, baseline: str | None = None, se
 
     gemms = None
     if memory is not None and baseline is None:
-        from ctxseg.methods.pixel_contrast import fold_anchors
+        from ctxseg.methods.contrast import fold_anchors
 
         model.train()
         with torch.no_grad():

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from ctxseg.config import make_config
 from ctxseg.data import build_dataset, train_transform
 from ctxseg.methods.ce import CEConfig
-from ctxseg.methods.pixel_contrast import downsample_labels
+from ctxseg.methods.contrast import downsample_labels
 
 STRIDES = (4, 8, 16, 32)
 

@@ -1,4 +1,5 @@
-"""Runs: a run folder's logs, opening a trained run, and training one the notebooks' way.
+"""Runs: a run folder's logs, opening a trained run, the one rule for reusing a run folder, and
+training one the notebooks' way.
 
 This module sits above ``ctxseg.engine`` and ``ctxseg.methods``: it is where a method's *name*
 (stored in every config, checkpoint and export) becomes a method class, through the table in
@@ -9,6 +10,11 @@ the report, the plots, the embeddings and the notebooks all use it)::
 
     run = open_run("runs/demo/contextrast", heads=True)   # newest checkpoint, training heads included
     run.model, run.cfg, run.method, run.class_names, run.step, run.path
+
+``reusable_state`` is the one rule by which ``demo``, ``study`` and the notebooks' ``train_or_reuse``
+decide whether a run folder may be reused (finished) or resumed (interrupted): only when the
+settings it was made with equal the asked ones, runtime keys aside; otherwise they refuse with
+``RunSettingsError``, naming the folder and each differing key.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ctxseg.config import TrainConfig, apply_overrides, from_plain, to_plain
 from ctxseg.data.base import DatasetInfo
 from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ctxseg.engine.evaluate import build_model
+from ctxseg.engine.resolve import resolve_config
 from ctxseg.engine.trainer import Trainer, default_run_dir
 from ctxseg.methods import Method, get_method
 from ctxseg.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
@@ -166,22 +173,77 @@ def trainer(cfg: TrainConfig, **kwargs) -> Trainer:
     return Trainer(cfg, get_method(cfg.method), **kwargs)
 
 
+# ------------------------------------------------------------------------------------------------
+# Reusing a run folder: one rule for demo, study and the notebooks.
+# Keys in which a run folder may differ from the asked settings and still be reused: where it
+# lives and how it runs, never what it computes (TrainConfig.runtime_keys: worker count,
+# TensorBoard, checkpoint spacing, ...).
+REUSE_IGNORED = ("out", *TrainConfig.runtime_keys)
+
+
+class RunSettingsError(ValueError):
+    """A run folder holds a run made with other settings than the asked ones."""
+
+
+def run_state(path: str | Path) -> str:
+    """``finished`` (eval.json), ``started`` (a checkpoint to resume from) or ``new``."""
+    path = Path(path)
+    if (path / "eval.json").is_file():
+        return "finished"
+    return "started" if list_checkpoints(path / "ckpt") else "new"
+
+
+def settings_diff(saved: dict, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+    """(key, saved value, asked value) for every setting where a run folder's config.yaml
+    (``saved``) differs from ``cfg``, ignoring ``REUSE_IGNORED`` and ``ignore``. Both sides are
+    resolved as training stores them; a key the saved file lacks (a run from an older version)
+    counts as its default."""
+    saved_plain = to_plain(resolve_config(from_plain(type(cfg), saved)))
+    skip = (*REUSE_IGNORED, *ignore)
+    return [(key, saved_plain.get(key), value) for key, value in to_plain(resolve_config(cfg)).items()
+            if key not in skip and saved_plain.get(key) != value]
+
+
+def reusable_state(run_dir: str | Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> str:
+    """``run_state(run_dir)`` when the folder may be reused or resumed for ``cfg``: it is new, or
+    its config.yaml equals ``cfg`` but for ``REUSE_IGNORED`` and ``ignore`` (the study also
+    ignores ``eval_split``: it evaluates a finished run on another split instead). Otherwise
+    ``RunSettingsError`` naming the folder and the differing keys."""
+    run_dir = Path(run_dir)
+    state = run_state(run_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        if state != "new":
+            raise RunSettingsError(f"run folder {run_dir} has results but no config.yaml, so its settings cannot be "
+                                   "checked; delete it or choose another output folder")
+        return state
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError:
+        raise RunSettingsError(f"{saved_path} is not valid YAML; delete the run folder or choose another "
+                               "output folder") from None
+    try:
+        diffs = settings_diff(saved, cfg, ignore)
+    except ValueError as e:
+        raise RunSettingsError(f"{saved_path} cannot be read as a {type(cfg).__name__} ({e}); delete the run "
+                               "folder or choose another output folder") from None
+    if diffs:
+        shown = ", ".join(f"{k} (folder: {json.dumps(a)}, asked: {json.dumps(b)})" for k, a, b in diffs)
+        raise RunSettingsError(f"run folder {run_dir} was made with other settings: {shown}; delete it, choose "
+                               "another output folder, or ask for the same settings")
+    return state
+
+
 def train_or_reuse(cfg: TrainConfig, fresh: bool = False, progress: bool = True) -> dict:
     """The notebooks' way to get a run: reuse it if it has finished (its ``eval.json``), resume it
     if it was interrupted after a checkpoint, else train it. ``fresh`` deletes the run folder
-    first. Warns when a saved run was started with other settings. Returns the final metrics."""
+    first. A folder made with other settings is refused (``reusable_state``: delete it, pass
+    ``fresh=True`` or choose another ``out``). Returns the final metrics."""
     asked = cfg.validate()
-    cfg = asked.resolved()
-    run_dir = default_run_dir(cfg)
+    run_dir = default_run_dir(asked)
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if (run_dir / "config.yaml").is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        ignored = ("out", *cfg.runtime_keys)
-        changed = sorted(k for k, v in to_plain(cfg).items() if saved.get(k) != v and k not in ignored)
-        if changed:
-            print(f"note: {run_dir} was started with other values for {changed}; delete it to retrain")
-    if (run_dir / "eval.json").is_file():
+    if reusable_state(run_dir, asked) == "finished":
         print(f"{run_dir} has finished: reusing it")
         return json.loads((run_dir / "eval.json").read_text())
-    return trainer(asked, resume="auto", progress=progress).fit()  # the Trainer resolves (and notes) itself
+    return trainer(asked, resume="auto", progress=progress).fit()

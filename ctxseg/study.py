@@ -25,8 +25,6 @@ from typing import Any
 
 import yaml
 
-from ctxseg.config import TrainConfig
-
 # The metrics of the tables (fractions in [0, 1]); the weakly supervised ones when eval.json has them.
 METRICS = ("miou", "boundary_iou", "pixel_acc")
 WSSS_METRICS = ("cam_miou", "pseudo_miou", "cls_map")
@@ -35,11 +33,10 @@ LABELS = {"miou": "mIoU", "boundary_iou": "boundary IoU", "pixel_acc": "pixel ac
           "cls_map": "class AP"}
 # Settings the study sets per run: a method spec or --set may not carry them.
 RESERVED = ("method", "seed", "out")
-# Config keys that may differ between a run folder and the study asking for it: where it lives,
-# the split it is evaluated on (a finished run is evaluated on another split, not retrained), and
-# how it runs, never what it computes (TrainConfig.runtime_keys: worker count, TensorBoard,
-# checkpoint spacing).
-IGNORED_KEYS = ("out", "eval_split", *TrainConfig.runtime_keys)
+# A config key that may differ between a run folder and the study asking for it, beyond the
+# runtime keys every reuse ignores (ctxseg.runs.REUSE_IGNORED): the split it is evaluated on (a
+# finished run is evaluated on another split, not retrained).
+STUDY_IGNORED = ("eval_split",)
 LEVEL = 0.95
 CI_METHOD = (
     "paired t over seeds: for each seed both runs finished, d = metric(method) - metric(baseline); "
@@ -158,53 +155,20 @@ def plan_runs(specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path
     return runs
 
 
-def config_diff(saved: dict[str, Any], cfg) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, asked value) for every setting where a run folder's config.yaml differs
-    from ``cfg``, ignoring ``IGNORED_KEYS``. Both sides are read as training stores them; a key the
-    saved file lacks (a run from an older version) counts as its default."""
-    from ctxseg.config import from_plain, to_plain
+def check_run_folders(runs: Sequence[Run]) -> None:
+    """Refuse to reuse or resume a run folder made with other settings, by the rule demo and the
+    notebooks use (``ctxseg.runs.reusable_state``; the study also lets ``eval_split`` differ)."""
+    from ctxseg.runs import reusable_state
 
-    saved_plain = to_plain(from_plain(type(cfg), saved).resolved())
-    diffs = []
-    for key, value in to_plain(cfg.resolved()).items():
-        if key not in IGNORED_KEYS and saved_plain.get(key) != value:
-            diffs.append((key, saved_plain.get(key), value))
-    return diffs
+    for run in runs:
+        reusable_state(run.dir, run.cfg, ignore=STUDY_IGNORED)
 
 
 def run_state(path: str | Path) -> str:
-    """``finished`` (eval.json), ``started`` (a checkpoint to resume from) or ``new``."""
-    from ctxseg.engine.checkpoint import list_checkpoints
+    """``finished``, ``started`` or ``new`` (``ctxseg.runs.run_state``)."""
+    from ctxseg.runs import run_state as state
 
-    path = Path(path)
-    if (path / "eval.json").is_file():
-        return "finished"
-    return "started" if list_checkpoints(path / "ckpt") else "new"
-
-
-def check_run_folders(runs: Sequence[Run]) -> None:
-    """Refuse to reuse or resume a run folder made with other settings (a ValueError naming the
-    folder and the differing keys)."""
-    for run in runs:
-        saved_path = run.dir / "config.yaml"
-        if not saved_path.is_file():
-            if run_state(run.dir) != "new":
-                raise ValueError(f"run folder {run.dir} has results but no config.yaml, so its settings cannot "
-                                 "be checked; delete it or choose another --out")
-            continue
-        try:
-            saved = yaml.safe_load(saved_path.read_text()) or {}
-        except yaml.YAMLError:
-            raise ValueError(f"{saved_path} is not valid YAML; delete the run folder or choose another --out") from None
-        try:
-            diffs = config_diff(saved, run.cfg)
-        except ValueError as e:
-            raise ValueError(f"{saved_path} cannot be read as a {type(run.cfg).__name__} ({e}); delete the run "
-                             "folder or choose another --out") from None
-        if diffs:
-            shown = ", ".join(f"{k} (folder: {json.dumps(a)}, asked: {json.dumps(b)})" for k, a, b in diffs)
-            raise ValueError(f"run folder {run.dir} was made with other settings: {shown}; delete it, choose "
-                             f"another --out, or ask for the same settings")
+    return state(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,8 +228,25 @@ def run_time(path: str | Path) -> dict[str, Any]:
     return {"steps": steps, "sec_per_iter": statistics.median(rates) if rates else None, "wall_s": wall}
 
 
+def evaluations(path: str | Path, split: str) -> list[dict[str, Any]]:
+    """The evaluations on ``split`` a run logged while it trained (``eval_every``; the last is the
+    final one): ``step`` and the metrics of ``METRICS`` of each, in step order, one per step."""
+    log = Path(path) / "metrics.jsonl"
+    found = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("split") == split and "step" in row and row.get("miou") is not None:
+                found[row["step"]] = {"step": row["step"], **{m: _finite(row.get(m)) for m in METRICS}}
+    return [found[s] for s in sorted(found)]
+
+
 def collect_results(out: str | Path, specs: Sequence[MethodSpec], seeds: Sequence[int], split: str):
-    """({spec: {seed: metrics row + "time"}} of the runs evaluated on ``split``, [missing runs])."""
+    """({spec: {seed: metrics row + "time" + "during"}} of the runs evaluated on ``split``, [missing
+    runs]); ``during``: the run's ``evaluations`` on ``split``."""
     rows: dict[str, dict[int, dict]] = {s.spec: {} for s in specs}
     missing = []
     for seed in seeds:
@@ -280,6 +261,7 @@ def collect_results(out: str | Path, specs: Sequence[MethodSpec], seeds: Sequenc
                 continue
             row = metrics_row(json.loads(found.read_text()))
             row["time"] = run_time(path)
+            row["during"] = evaluations(path, split)
             rows[spec.spec][seed] = row
     return rows, missing
 
@@ -310,6 +292,29 @@ def paired_interval(diffs: Sequence[float], level: float = LEVEL) -> dict[str, A
         out.update(sd=sd, t=q, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
         out["includes_zero"] = out["ci_low"] <= 0 <= out["ci_high"]
     return out
+
+
+def paired_by_step(a: dict[int, dict], b: dict[int, dict], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The paired differences of ``a`` against ``b`` (rows of ``collect_results``) at every step
+    where both evaluated during training: per step, ``paired_interval`` of mIoU and boundary IoU
+    over the seeds with both values. A curve of the difference against training length, within
+    the runs' schedule (the learning rate has not decayed at an intermediate step as it has at
+    the end of a run that long)."""
+    steps = sorted({e["step"] for s in seeds if s in a for e in a[s].get("during", [])})
+    curve = []
+    for step in steps:
+        entry = {"step": step}
+        for m in ("miou", "boundary_iou"):
+            diffs = []
+            for s in seeds:
+                va = next((e[m] for e in (a.get(s) or {}).get("during", []) if e["step"] == step), None)
+                vb = next((e[m] for e in (b.get(s) or {}).get("during", []) if e["step"] == step), None)
+                if va is not None and vb is not None:
+                    diffs.append(va - vb)
+            entry[m] = paired_interval(diffs)
+        if entry["miou"]["n"]:
+            curve.append(entry)
+    return curve
 
 
 def summarize(rows: dict[str, dict[int, dict]], specs: Sequence[MethodSpec], seeds: Sequence[int], split: str,
@@ -343,6 +348,7 @@ def summarize(rows: dict[str, dict[int, dict]], specs: Sequence[MethodSpec], see
             both = [s for s in seeds if s in a and s in b and a[s].get(m) is not None and b[s].get(m) is not None]
             diffs = [a[s][m] - b[s][m] for s in both]
             paired[spec.spec][m] = {"seeds": both, "diffs": diffs, **paired_interval(diffs)}
+        paired[spec.spec]["by_step"] = paired_by_step(a, b, seeds)
     return {
         "command": "python -m ctxseg " + shlex.join(argv) if argv is not None else None,
         "argv": list(argv) if argv is not None else None,
@@ -443,6 +449,19 @@ def render_markdown(summary: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
 
+    curves = {spec: p["by_step"] for spec, p in summary["paired"].items() if len(p.get("by_step", [])) > 1}
+    if curves:
+        lines += [f"## Paired differences against `{_cell(base or '')}` during training", "",
+                  "At every step where the runs evaluated on this split (`eval_every`), the same paired "
+                  "interval over seeds; an intermediate step is within the runs' schedule (its learning rate "
+                  "has not decayed as at the end of a run that long). Figure: differences.png.", ""]
+        head = ["method", "step", "Δ mIoU [95 % CI]", "Δ boundary IoU [95 % CI]"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for spec, curve in curves.items():
+            for e in curve:
+                lines.append(f"| `{_cell(spec)}` | {e['step']} | {_delta(e['miou'])} | {_delta(e['boundary_iou'])} |")
+        lines.append("")
+
     lines += ["## Training time", "", "s/iter: median of the run's metrics.jsonl rows; wall time: measured by "
               "the study (all sessions of a resumed run; n/a for runs it did not train).", ""]
     head = ["method", "seed", "steps", "s/iter", "wall time (s)"]
@@ -464,7 +483,8 @@ def render_markdown(summary: dict) -> str:
 
 
 def write_summary(out: str | Path, summary: dict) -> tuple[Path, Path]:
-    """Write OUT/summary.json and OUT/summary.md (each replaced atomically)."""
+    """Write OUT/summary.json and OUT/summary.md (each replaced atomically), and
+    OUT/differences.png where a method has paired differences at two or more steps."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "summary.json", out / "summary.md"
@@ -472,6 +492,13 @@ def write_summary(out: str | Path, summary: dict) -> tuple[Path, Path]:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
+    curves = {spec: p["by_step"] for spec, p in summary["paired"].items() if len(p.get("by_step", [])) > 1}
+    if curves:
+        from ctxseg.viz.curves import plot_paired_differences
+
+        tmp = out / ".differences.png.tmp"
+        plot_paired_differences(curves, baseline=summary["baseline"]).savefig(tmp, format="png", dpi=110)
+        tmp.replace(out / "differences.png")
     return paths
 
 
@@ -567,7 +594,10 @@ def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[
     they were evaluated on another, then write the summary. ``train(cfg)`` trains one run,
     resuming from its newest checkpoint; ``evaluator(run folder, split)`` returns the metrics.
     ``jobs`` > 1 trains that many runs at once, each in its own process with ``threads`` torch
-    threads (default: the CPUs divided among the jobs; see ``_train_all``)."""
+    threads (default: the CPUs divided among the jobs; see ``_train_all``). With ``jobs`` > 1 a
+    run that fails does not stop the others: after them a RuntimeError names every failed run, and
+    the next call resumes them. One at a time, a failure stops the study with its own error (a
+    data error stays the one-line message the command prints)."""
     check_run_folders(runs)
     if not summarize_only:
         todo = []

@@ -33,12 +33,36 @@ def run_ctxseg(args, **kw):
                           capture_output=True, text=True, **kw)
 
 
-@pytest.fixture
-def shared_camvid():
+def assert_printed_ratio(printed: str, num: float, den: float, step: float) -> None:
+    """``printed`` (``"2.50x"``) is ``num / den`` where both were printed rounded to ``step``
+    (0.1 for ``{:.1f}``) and the ratio to 0.01: within the interval rounding allows."""
+    assert printed.endswith("x"), printed
+    r = float(printed[:-1])
+    lo = (num - step / 2) / (den + step / 2)
+    hi = (num + step / 2) / (den - step / 2) if den > step / 2 else float("inf")
+    assert lo - 0.005 <= r <= hi + 0.005, f"{printed} is not {num} / {den} (printed to {step})"
+
+
+def skip_unless_required(flag: str, reason: str) -> None:
+    """Skip with ``reason``, or fail with it where ``flag`` is set to 1 (CI sets the flags of what
+    it provides, in .ci/run, so that a test it expects to run cannot pass by skipping)."""
+    if os.environ.get(flag) == "1":
+        pytest.fail(f"{flag}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_shared_camvid() -> Path:
+    """The real CamVid copy of developers' checkouts (../shared/data/camvid); a skip elsewhere, a
+    failure where ``CTXSEG_REQUIRE_CAMVID=1`` (.ci/run sets it where ../shared exists)."""
     root = SHARED / "data" / "camvid"
     if not (root / "train").is_dir():
-        pytest.skip("../shared/data/camvid is not present (only developers' checkouts have it)")
+        skip_unless_required("CTXSEG_REQUIRE_CAMVID", f"{root} is not present (only developers' checkouts have it)")
     return root
+
+
+@pytest.fixture
+def shared_camvid():
+    return require_shared_camvid()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Deliberately simple loop implementations of Contextrast's pieces, read straight off the
-definitions in methods.md section 3, for tests/test_contextrast.py. Slow on purpose: loops over
-stages, classes, images and pixels; float64; the distance transform is scipy's."""
+definitions in docs/methods.md, "Contextrast" (CTX-2)-(CTX-10), for tests/test_contextrast.py.
+Slow on purpose: loops over stages, classes, images and pixels; float64; the distance transform is
+scipy's."""
 
 import math
 
@@ -11,7 +12,8 @@ from scipy import ndimage
 
 def anchors(embeds, labels, C, fusion=True, w_h=0.5, normalize=True):
     """embeds: per stage (B, D, h, w); labels: per stage (B, h, w). Returns per stage a dict
-    class -> anchor (D,) for the classes present at that stage."""
+    class -> anchor (D,) for the classes present at that stage: masked means (docs/methods.md
+    (CTX-2)), then context fusion with the deepest stage (CTX-3)."""
     means = []
     for emb, lab in zip(embeds, labels):
         B, D, h, w = emb.shape
@@ -41,7 +43,9 @@ def anchors(embeds, labels, C, fusion=True, w_h=0.5, normalize=True):
 
 
 def bane_kept(labels, preds, C, ratio, negatives="missed", per_image=True):
-    """(B, h, w) bool of the kept boundary-near error pixels, by scipy's EDT per (image, class)."""
+    """(B, h, w) bool of the kept boundary-near error pixels, by scipy's EDT per (image, class):
+    error regions (docs/methods.md (CTX-4)), distances on the grid given (CTX-5) and the K_s cut with
+    ties kept (CTX-7)."""
     labels, preds = labels.numpy(), preds.numpy()
     B = labels.shape[0]
     dist = np.zeros(labels.shape)
@@ -68,7 +72,8 @@ def bane_kept(labels, preds, C, ratio, negatives="missed", per_image=True):
 
 
 def negatives(labels, preds, kept, C, reading="missed"):
-    """dict class -> list of flat pixel indices that are negatives of that class's anchor."""
+    """dict class -> list of flat pixel indices that are negatives of that class's anchor, by
+    either reading of BANE, or all other-class pixels without it (docs/methods.md (CTX-8))."""
     labels, preds = labels.flatten().tolist(), preds.flatten().tolist()
     kept = None if kept is None else kept.flatten().tolist()
     out = {}
@@ -86,7 +91,8 @@ def negatives(labels, preds, kept, C, reading="missed"):
 
 
 def stage_loss(emb, labels, anchor, negs, C, T=0.1, normalize=True):
-    """mean over classes present of L^n, with loops over positives and negatives."""
+    """mean over classes present of L^n (docs/methods.md (CTX-9), (CTX-10)), with loops over
+    positives and negatives."""
     B, D, h, w = emb.shape
     flat = emb.double().permute(0, 2, 3, 1).reshape(-1, D)
     if normalize:
@@ -108,7 +114,7 @@ def stage_loss(emb, labels, anchor, negs, C, T=0.1, normalize=True):
 
 
 def total_loss(embeds, labels, preds, C, cfg):
-    """L_PA = sum_i λ_i mean_n L_i^n, every piece from the loops above."""
+    """L_PA = sum_i λ_i mean_n L_i^n (docs/methods.md (CTX-10)), every piece from the loops above."""
     A = anchors(embeds, labels, C, cfg.fusion, cfg.fusion_weight, cfg.normalize)
     if cfg.detach_anchors:
         A = [{c: a.detach() for c, a in m.items()} for m in A]

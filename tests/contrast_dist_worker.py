@@ -36,7 +36,7 @@ from ctxseg.data.base import DatasetInfo
 from ctxseg.engine.distributed import all_gather_objects, all_gather_rows, cleanup
 from ctxseg.engine.evaluate import build_model
 from ctxseg.engine.trainer import Trainer
-from ctxseg.methods import ContextrastConfig, DSCNetConfig, PixelContrastConfig, get_method
+from ctxseg.methods import PixelContrastConfig, get_method
 
 INFO = DatasetInfo("toy", ("a", "b", "c", "d"), ((0, 0, 0),) * 4)
 VOC_LIKE = DatasetInfo("voc-like", ("background", "a", "b", "c"), ((0, 0, 0),) * 4, background=0)

@@ -1,6 +1,6 @@
-"""Slow loop oracles for wsss_cam and DSCNet, written straight from methods.md section 4 and the
-docstrings of ctxseg.methods.wsss / dscnet: one pixel, class, node and anchor at a time, float64,
-torch ops only so that autograd gives the reference gradients too."""
+"""Slow loop oracles for wsss_cam and DSCNet, written straight from the equations of docs/methods.md,
+"WSSS CAM" (WS-2)-(WS-9) and "DSCNet" (DSC-1)-(DSC-7): one pixel, class, node and anchor at a time,
+float64, torch ops only so that autograd gives the reference gradients too."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 
 
 def class_scores(y, masks, eps, p, lam, valid=None):
+    """Normalised global weighted pooling plus the focal size penalty over the valid pixels
+    (docs/methods.md (WS-2))."""
     b, c, h, w = y.shape
     out = torch.zeros(b, c, dtype=torch.float64)
     for i in range(b):
@@ -27,7 +29,9 @@ def class_scores(y, masks, eps, p, lam, valid=None):
 
 
 def pamr(image, masks, dilations, iters, temperature, valid=None):
-    """Image and masks on the same grid; replicate padding = clamped coordinates. The local std is
+    """PAMR, docs/methods.md (WS-4)-(WS-5).
+
+    Image and masks on the same grid; replicate padding = clamped coordinates. The local std is
     1-stage-wseg's: per channel over every dilation's 3x3 neighbourhood, centre included once per
     dilation, unbiased. With ``valid``: padding neighbours weigh 0, padding pixels hold 0."""
     b, _, h, w = image.shape
@@ -67,6 +71,8 @@ def pamr(image, masks, dilations, iters, temperature, valid=None):
 
 
 def group_centres(z, labels, weights, num_classes):
+    """PGCL group centres: the confidence-weighted sum of each class's reliable embeddings, divided
+    by its length (docs/methods.md (DSC-1))."""
     d = z.shape[1]
     centres = torch.zeros(num_classes, d, dtype=torch.float64)
     has = torch.zeros(num_classes, dtype=torch.bool)
@@ -81,7 +87,26 @@ def group_centres(z, labels, weights, num_classes):
     return centres, has
 
 
+def graph_centres(nodes, classes, present, num_classes):
+    """Dual stream B's PGCL centres: for each class, the mean of the embeddings of its nodes
+    (present ones only), divided by its length; a class without a node has none (docs/methods.md
+    (DSC-7))."""
+    d = nodes.shape[1]
+    centres = torch.zeros(num_classes, d, dtype=torch.float64)
+    has = torch.zeros(num_classes, dtype=torch.bool)
+    for k in range(num_classes):
+        mine = [u for u in range(nodes.shape[0]) if present[u] and int(classes[u]) == k]
+        if not mine:
+            continue
+        mean = sum(nodes[u].double() for u in mine) / len(mine)
+        centres[k] = mean / mean.norm()
+        has[k] = True
+    return centres, has
+
+
 def group_contrast(anchors, labels, centres, has, tau):
+    """PGCL: InfoNCE of each anchor against every existing centre, averaged over the anchors whose
+    class has one (docs/methods.md (DSC-3))."""
     losses = []
     for i in range(anchors.shape[0]):
         y = int(labels[i])
@@ -93,6 +118,8 @@ def group_contrast(anchors, labels, centres, has, tau):
 
 
 def gcn(h, present, w1, b1, w2, b2):
+    """Two GCN layers over the present nodes, with ReLU-cosine edges (self-loops included) and
+    symmetric normalisation (docs/methods.md (DSC-5))."""
     n = h.shape[0]
     idx = [u for u in range(n) if present[u]]
     cos = {}
@@ -113,6 +140,8 @@ def gcn(h, present, w1, b1, w2, b2):
 
 
 def node_contrast(z, classes, images, present, tau):
+    """SGCL: supervised contrast over nodes, positives the same class in other images, the
+    denominator every other present node (docs/methods.md (DSC-6))."""
     n = z.shape[0]
     losses = []
     for u in range(n):
@@ -128,6 +157,7 @@ def node_contrast(z, classes, images, present, tau):
 
 
 def pseudo_labels_pixel_best(masks, min_conf, ambiguity):
+    """ctxseg's former per-pixel rule (docs/methods.md (WS-7))."""
     b, c, h, w = masks.shape
     out = torch.full((b, h, w), 255, dtype=torch.long)
     for i in range(b):
@@ -142,6 +172,8 @@ def pseudo_labels_pixel_best(masks, min_conf, ambiguity):
 
 
 def pseudo_labels_class_max(masks, cutoff, floor, background=None, cutoff_background=0.7, drop_ambiguous=True):
+    """1-stage-wseg's rule: each class thresholded against its own peak in the image
+    (docs/methods.md (WS-6))."""
     b, c, h, w = masks.shape
     out = torch.full((b, h, w), 255, dtype=torch.long)
     for i in range(b):
@@ -158,8 +190,8 @@ def pseudo_labels_class_max(masks, cutoff, floor, background=None, cutoff_backgr
 
 
 def balanced_ce(logits, labels):
-    """1-stage-wseg's class-balanced CE, one image and one pixel at a time (logits and labels on
-    the same grid; every pixel is image)."""
+    """1-stage-wseg's class-balanced CE (docs/methods.md (WS-9)), one image and one pixel at a time
+    (logits and labels on the same grid; every pixel is image)."""
     b, c, h, w = logits.shape
     per_image = []
     for i in range(b):
@@ -180,7 +212,8 @@ def balanced_ce(logits, labels):
 def pgcl_counts(reliable, hard, n, hard_fraction, per_image=True):
     """PGCL anchors to draw as {image: (hard, easy)}: from each image's reliable pixels
     (``per_image``), or from the whole batch's (image -1), ``round(n * hard_fraction)`` hard
-    ones when there are enough, easy ones filling in, and the other way round."""
+    ones when there are enough, easy ones filling in, and the other way round (docs/methods.md
+    (DSC-2))."""
     groups = range(reliable.shape[0]) if per_image else [-1]
     out = {}
     for b in groups:

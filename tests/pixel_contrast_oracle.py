@@ -1,7 +1,9 @@
 """Deliberately simple loop implementations of pixel contrast: the oracles the vectorised code in
-``ctxseg.methods.pixel_contrast`` is tested against (and benchmarked against, in
-benchmarks/bench_pixel_contrast.py). Written for obviousness, not speed: Python loops over images,
-classes, anchors and queue entries, straight from the formulas in docs/methods.md section 2."""
+``ctxseg.methods.contrast`` (pixel contrast's sampler, loss and memory bank) is tested against
+(and benchmarked against, in benchmarks/bench_pixel_contrast.py). Written for obviousness, not
+speed: Python loops over images, classes, anchors and queue entries, straight from the formulas in
+docs/methods.md: the loss (PC-1)-(PC-4) of "Pixel contrast", the anchor budgets and hard/easy split
+(SH-6)-(SH-7) and the memory bank (SH-8) of "Shared contrast machinery"."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ IGNORE = 255
 
 
 def sample_counts(labels, preds, num_classes, max_samples, max_views, per_image=None, min_share=None):
-    """Per (image, class): (hard kept, easy kept), by the paper's branches. Also returns n_view.
+    """Per (image, class): (hard kept, easy kept), by the reference code's branches
+    (docs/methods.md (SH-6), (SH-7)). Also returns n_view.
 
     The reference: a class qualifies in an image with more than ``max_views`` pixels, and
     ``n_view = min(max_samples // qualifying pairs of the batch, max_views)``. With ``min_share``
@@ -59,7 +62,7 @@ def sample_anchors(emb, labels, preds, num_classes, max_samples, max_views, per_
     """Loop sampler over (B, D, P) embeddings: returns (anchor features (M, D), labels (M,)).
 
     Each (image, class) gathers its own anchors from the full embedding map, as the public
-    reference does."""
+    reference does; hard and easy anchors drawn at random within their kind (docs/methods.md (SH-7))."""
     counts, _ = sample_counts(labels, preds, num_classes, max_samples, max_views, per_image, min_share)
     feats, ys = [], []
     for (b, c), (keep_hard, keep_easy) in counts.items():
@@ -75,7 +78,8 @@ def sample_anchors(emb, labels, preds, num_classes, max_samples, max_views, per_
 
 def contrast_loss(anchors, anchor_labels, keys=None, key_labels=None, temperature=0.1, base_temperature=0.07):
     """L_i = -(T/T_base) * mean_{j in P(i)} [s_ij - log(exp(s_ij) + sum_{k in N(i)} exp(s_ik))],
-    averaged over anchors with at least one positive; anchors are their own keys when none given."""
+    averaged over anchors with at least one positive; anchors are their own keys when none given
+    (docs/methods.md (PC-1)-(PC-3); keys from the queues: (PC-4))."""
     self_contrast = keys is None
     if self_contrast:
         keys, key_labels = anchors, anchor_labels
@@ -97,7 +101,8 @@ def contrast_loss(anchors, anchor_labels, keys=None, key_labels=None, temperatur
 
 
 def fifo_push(queue, ptr, count, keys, labels):
-    """Write keys one at a time: slot ptr[c], then advance ptr[c] by one, wrapping at the size."""
+    """Write keys one at a time: slot ptr[c], then advance ptr[c] by one, wrapping at the size
+    (docs/methods.md (SH-8): the pointer moves by the number written)."""
     queue, ptr, count = queue.clone(), ptr.clone(), count.clone()
     size = queue.shape[1]
     for key, c in zip(keys, labels.tolist()):
@@ -108,7 +113,8 @@ def fifo_push(queue, ptr, count, keys, labels):
 
 
 def region_keys(emb, labels, num_classes):
-    """The L2-normalised mean embedding of each (image, class) present, image-major."""
+    """The L2-normalised mean embedding of each (image, class) present, image-major
+    (docs/methods.md (SH-8), region keys)."""
     keys, ys = [], []
     for b in range(emb.shape[0]):
         for c in range(num_classes):

@@ -1,11 +1,14 @@
-"""The benchmark scripts still run (tiny sizes; the numbers are not looked at, only the report)."""
+"""The benchmark scripts still run (tiny sizes; the numbers are not judged, but each printed ratio
+must be its row's time over the baseline's); the ratio arithmetic on fabricated timings."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_printed_ratio
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +27,14 @@ def test_train_step_benchmark_reports_every_method_against_ce():
                     "pixel_contrast:memory=true,memory_size=20", "contextrast", "contextrast:bane=false",
                     "wsss_cam", "dscnet", "dscnet:dual_stream=B")
     names = ("ce ", "pixel_contrast", "contextrast", "wsss_cam", "dscnet")
-    rows = [line for line in out.splitlines() if line.startswith(names)]
-    assert len(rows) == 8 and all(line.count("x") >= 2 for line in rows), out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(names)}
+    assert len(rows) == 8, out
+    # method, train ms/step, vs ce, infer ms, vs ce, deployed params: each ratio is its row's time
+    # over ce's, and every method deploys the same segmenter as ce (its heads are training-only).
+    for r in rows.values():
+        assert_printed_ratio(r[2], float(r[1]), float(rows["ce"][1]), 0.1)
+        assert_printed_ratio(r[4], float(r[3]), float(rows["ce"][3]), 0.1)
+        assert r[5] == rows["ce"][5], (r, out)
 
 
 def test_wsss_benchmark_reports_cam_and_pamr_against_the_forward_pass():
@@ -49,9 +58,66 @@ def test_anchor_coverage_reports_every_class():
 
 def test_umap_benchmark_times_each_path_against_the_fast_one():
     out = run_bench("bench_umap.py", "--points", "300", "--dim", "8", "--paths", "fast", "reproducible")
-    rows = [line for line in out.splitlines() if line.startswith(("fast ", "reproducible ")) and line.endswith("x")]
-    assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x"), out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith(("fast ", "reproducible ")) and line.endswith("x")}
+    assert list(rows) == ["fast", "reproducible"], out
+    for r in rows.values():  # path, fit s, process s, vs fast, again s, vs fast
+        assert_printed_ratio(r[3], float(r[1]), float(rows["fast"][1]), 0.1)
+        assert_printed_ratio(r[5], float(r[4]), float(rows["fast"][4]), 0.1)
     assert "the 30 s goal at 300 points" in out, out
+
+
+def load_bench(script):
+    """A benchmark script as a module (``benchmarks/`` on sys.path, as when it runs)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "benchmarks" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_ratio_columns_divide_by_the_baseline_on_fabricated_timings(monkeypatch, capsys):
+    # bench_umap: each path's first and second layout over the fast path's.
+    umap = load_bench("bench_umap.py")
+    fake = {"fast": {"fit": 2.0, "again": 0.5, "process": 9.0, "n": 300},
+            "reproducible": {"fit": 5.0, "again": 0.4, "process": 12.0, "n": 300},
+            "umap-learn defaults": {"fit": 3.0, "again": 1.5, "process": 10.0, "n": 300}}
+    monkeypatch.setattr(umap, "run_child", lambda path, args: fake[path])
+    monkeypatch.setattr(sys, "argv", ["bench_umap.py", "--points", "300"])
+    umap.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert rows == [["fast", "2.0", "9.0", "1.00x", "0.5", "1.00x"],
+                    ["reproducible", "5.0", "12.0", "2.50x", "0.4", "0.80x"],
+                    ["umap-learn", "defaults", "3.0", "10.0", "1.50x", "1.5", "3.00x"]]
+
+    # bench_train_step: each method's step and inference over ce's, and the GEMMs line over ce's
+    # step. Every step and inference still runs once (a fake clock, not fake work).
+    bench = load_bench("bench_train_step.py")
+    pc = "pixel_contrast:memory=true,memory_size=20"
+    clock = iter([{"ce": 20.0, pc: 30.0, ("gemms", pc): 5.0}, {"ce": 10.0, pc: 15.0}])  # steps, then inference
+    ran = []
+
+    def fake_clock(fns, warmup, repeats):
+        times = next(clock)
+        assert set(fns) == set(times)
+        for k, fn in fns.items():  # a fake clock, not fake work: each step and inference runs once
+            fn()
+            ran.append(k)
+        return times
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_clock)
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--encoder", "test_resnet", "--size", "32", "32",
+                                      "--batch-size", "2", "--methods", "ce", pc])
+    bench.main()
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[:5] for line in lines if line.startswith(("ce ", pc))]
+    assert rows == [["ce", "20.0", "1.00x", "10.0", "1.00x"], [pc, "30.0", "1.50x", "15.0", "1.50x"]], lines
+    gemms = next(line for line in lines if "GEMMs only" in line)
+    assert gemms.endswith(": 5.0 ms = 0.25x ce's step"), gemms
+    assert len(ran) == 5
 
 
 def test_weak_crops_reports_lost_tags_and_the_weak_default_loses_none():
@@ -84,8 +150,14 @@ def test_train_step_benchmark_times_ce_with_the_whole_package_at_a_revision():
             if line.startswith("ce") and line.split()[1].replace(".", "").isdigit()}
     head = next(k for k in rows if k.startswith("ce@"))
     assert set(rows) == {"ce", "ce:channels_last=false", head}, out
-    assert rows[head][2].endswith("x") and rows[head][3] == "-", out  # a step time and ratio, no inference
-    assert "in its own process" in out and "/ctxseg/__init__.py" in out, out
+    assert rows[head][3] == "-", out  # a step time and ratio, no inference
+    for r in rows.values():
+        assert_printed_ratio(r[2], float(r[1]), float(rows["ce"][1]), 0.1)
+    # ce@HEAD is another copy of the package (exported from git into a temporary folder, imported
+    # by its own process), not the tree under test timed twice.
+    origin = next(line for line in out.splitlines() if line.startswith(f"{head}: the package at"))
+    assert "in its own process" in origin and "/ctxseg/__init__.py" in origin, out
+    assert str(ROOT / "ctxseg") not in origin and f"ctxseg-{head[3:]}-" in origin, origin
 
 
 def test_label_grid_benchmark_reports_each_stride():

@@ -2,7 +2,6 @@
 method gives the same loss and the same gradients in both layouts (float tolerance), and the
 evaluation paths that read feature maps give the same numbers."""
 
-import copy
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from ctxseg.config import apply_overrides, make_config
 from ctxseg.data import SyntheticScenes, train_transform
 from ctxseg.engine.evaluate import build_model
+from ctxseg.engine.resolve import resolve_config
 from ctxseg.methods import METHODS, get_method
 from ctxseg.study import parse_method_spec
 
@@ -35,7 +35,7 @@ def _step(spec, channels_last, ds, batch, dtype=torch.float64):
     cls = get_method(parsed.name)
     cfg = make_config(cls.config_class, "synthetic", iters=100, pretrained=False, channels_last=channels_last,
                       synthetic_size=SIZE)
-    cfg = apply_overrides(cfg, parsed.settings, spec).resolved()
+    cfg = resolve_config(apply_overrides(cfg, parsed.settings, spec))
     torch.manual_seed(0)
     method = cls(cfg, ds.info, total_iters=100)
     method.prepare(ds)
@@ -85,8 +85,8 @@ def test_evaluation_and_weak_maps_agree_across_layouts():
     cls = get_method("wsss_cam")
     results = []
     for cl in (False, True):
-        cfg = make_config(cls.config_class, "synthetic", iters=10, pretrained=False, channels_last=cl,
-                          synthetic_size=SIZE).resolved()
+        cfg = resolve_config(make_config(cls.config_class, "synthetic", iters=10, pretrained=False, channels_last=cl,
+                          synthetic_size=SIZE))
         torch.manual_seed(0)
         model = build_model(cfg, ds.info.num_classes).eval()
         data = torch.utils.data.Subset(eval_dataset(cfg, "val"), range(6))

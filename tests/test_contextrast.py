@@ -1,6 +1,6 @@
-"""Contextrast: the exact distance transform against scipy, BANE on hand-drawn masks and against a
-loop oracle (tests/contextrast_oracle.py), anchors and fusion, the loss and its gradients against
-the oracle, the empty cases, and the method inside the trainer."""
+"""Contextrast (docs/methods.md, "Contextrast"): the exact distance transform against scipy, BANE on
+hand-drawn masks and against a loop oracle (tests/contextrast_oracle.py), anchors and fusion, the
+loss and its gradients against the oracle, the empty cases, and the method inside the trainer."""
 
 import json
 
@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from ctxseg.config import make_config
 from ctxseg.data.base import DatasetInfo
+from ctxseg.engine.resolve import resolve_config
 from ctxseg.engine.trainer import Trainer
 from ctxseg.methods.contextrast import (
     Contextrast,
@@ -240,9 +241,10 @@ def test_the_folded_projection_equals_the_materialised_embeddings():
 
 
 def method(C=5, **kw):
-    """The method with the loop oracle's reading of the paper: labels and predictions put on each
-    stage's grid by the nearest rule (pixel (s i, s j)) and BANE's distances measured on each
-    stage's own grid; ``label_grid`` and ``bane_distance`` have tests of their own."""
+    """The method with the loop oracle's reading of the paper (docs/methods.md (CTX-2)-(CTX-10)):
+    labels and predictions put on each stage's grid by the nearest rule (pixel (s i, s j), (SH-4))
+    and BANE's distances measured on each stage's own grid (``bane_distance="stage"``, (CTX-5));
+    ``label_grid`` and ``bane_distance`` have tests of their own."""
     kw = {"label_grid": "nearest", "bane_distance": "stage", **kw}
     cfg = make_config(ContextrastConfig, **kw)
     return Contextrast(cfg, DatasetInfo("t", tuple(f"c{i}" for i in range(C)), ((0, 0, 0),) * C), 100)
@@ -347,15 +349,16 @@ def test_contrast_features_decide_whether_the_contrast_reaches_the_decoder(sourc
     """With ``contrast_features="decoder"`` the contrastive term alone has a gradient on every
     decoder layer (lateral, smooth and fuse convs: the maps it contrasts are the classifier's input
     and the pyramid built into it); with ``"encoder"`` its gradient on the decoder is exactly 0.
-    The classifier comes after every contrasted map, so neither reaches it."""
+    The classifier comes after every contrasted map, so neither reaches it (docs/methods.md,
+    "Contextrast", contrasted maps)."""
     from ctxseg.data import SyntheticScenes
     from ctxseg.engine.evaluate import build_model
 
     ds = SyntheticScenes("train", length=2, size=(64, 64))
     items = [ds[i] for i in range(2)]
     batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "mask")}
-    cfg = make_config(ContextrastConfig, iters=10, encoder="test_resnet", contrast_features=source,
-                      synthetic_size=(64, 64)).resolved()
+    cfg = resolve_config(make_config(ContextrastConfig, iters=10, encoder="test_resnet", contrast_features=source,
+                      synthetic_size=(64, 64)))
     method = Contextrast(cfg, ds.info, total_iters=10)
     torch.manual_seed(0)
     model = build_model(cfg, ds.info.num_classes, heads=method.heads).train()
@@ -382,9 +385,10 @@ def test_bane_at_a_coarse_stage_keeps_the_error_cells_nearest_the_boundary():
     """A 16-cell band of missed class-1 pixels on the stride-4 grid (64x64) is 2 cells wide on the
     stride-32 grid (8x8): there every error cell is 1 cell from the region's edge, and BANE measured
     on that grid (``bane_distance="stage"``) keeps all 16 of them. Measured on the fine grid and
-    pooled, the cells whose centres lie nearer the band's edge are kept first: half of them, the
-    column whose centre is 4 fine cells from the edge rather than 5."""
-    from ctxseg.methods.pixel_contrast import downsample_labels
+    pooled (docs/methods.md (CTX-6), the default ``bane_distance="fine"``), the cells whose centres
+    lie nearer the band's edge are kept first: half of them, the column whose centre is 4 fine cells
+    from the edge rather than 5."""
+    from ctxseg.methods.contrast import downsample_labels
 
     fine_labels = torch.zeros(1, 64, 64, dtype=torch.long)
     fine_labels[:, :, 32:] = 1
@@ -412,7 +416,7 @@ def test_contrast_warmup_trains_ce_alone_then_switches_the_contrast_on():
     ds = SyntheticScenes("train", length=2, size=(64, 64))
     items = [ds[i] for i in range(2)]
     batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "mask")}
-    cfg = make_config(ContextrastConfig, iters=12, encoder="test_resnet", contrast_warmup=0.25).resolved()
+    cfg = resolve_config(make_config(ContextrastConfig, iters=12, encoder="test_resnet", contrast_warmup=0.25))
     method = Contextrast(cfg, ds.info, total_iters=12)
     model = build_model(cfg, ds.info.num_classes, heads=method.heads).train()
     out = model(batch["image"])

@@ -17,7 +17,6 @@ from ctxseg.data.cityscapes import CITYSCAPES_INFO, LABEL_ID_TO_TRAIN_ID, Citysc
 pytestmark = pytest.mark.timeout(20)
 
 H, W = 12, 16
-REAL_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (H, W)) -> None:
@@ -119,10 +118,9 @@ def test_camvid_out_of_range_label_names_file_and_value(camvid_root: Path) -> No
         CamVid(camvid_root, "train")[2]
 
 
-def test_camvid_real_dev_copy() -> None:
-    if not (REAL_CAMVID / "train").is_dir():
-        pytest.skip(f"real CamVid dev copy not found at {REAL_CAMVID}")
-    train, val = CamVid(REAL_CAMVID, "train"), CamVid(REAL_CAMVID, "val")
+def test_camvid_real_dev_copy(shared_camvid: Path) -> None:
+    # A skip without ../shared/data/camvid, a failure with CTXSEG_REQUIRE_CAMVID=1 (conftest.py).
+    train, val = CamVid(shared_camvid, "train"), CamVid(shared_camvid, "val")
     assert (len(train), len(val)) == (367, 101)
     # A spread of samples rather than all 468 keeps the test well under two seconds.
     for ds in (train, val):
@@ -225,3 +223,17 @@ def test_ade20k_errors(ade_parent: Path) -> None:
     (folder / "annotations/training/ADE_train_00000001.png").unlink()
     with pytest.raises(DatasetError, match=r"label file missing .*ADE_train_00000001\.png"):
         ADE20K(ade_parent, "train")
+
+
+def test_a_missing_camvid_copy_skips_or_fails_where_ci_requires_it(monkeypatch, tmp_path: Path) -> None:
+    import conftest
+
+    monkeypatch.setattr(conftest, "SHARED", tmp_path / "shared")  # a clone without ../shared
+    monkeypatch.delenv("CTXSEG_REQUIRE_CAMVID", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="is not present"):
+        conftest.require_shared_camvid()
+    monkeypatch.setenv("CTXSEG_REQUIRE_CAMVID", "1")  # .ci/run where ../shared exists
+    with pytest.raises(pytest.fail.Exception, match=r"CTXSEG_REQUIRE_CAMVID=1 but .*shared/data/camvid"):
+        conftest.require_shared_camvid()
+    (tmp_path / "shared" / "data" / "camvid" / "train").mkdir(parents=True)
+    assert conftest.require_shared_camvid() == tmp_path / "shared" / "data" / "camvid"

@@ -1,12 +1,15 @@
 """``make demo``'s job: every method trained on synthetic scenes and one self-contained report;
-a second call reuses the finished runs; a bad setting fails before anything is trained."""
+a second call reuses the finished runs, and only those with the same settings; a bad setting
+fails before anything is trained."""
 
 import re
 
 import pytest
 from conftest import run_ctxseg
 
-from ctxseg.cli import DEMO_METHODS
+from ctxseg.methods import METHODS
+
+DEMO_METHODS = [name for name, method in METHODS.items() if method.in_demo]
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +24,7 @@ def test_demo_trains_every_method_and_writes_one_self_contained_report(tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     report = out / "report.html"
     assert res.stdout.strip().splitlines()[-1] == f"report: {report.resolve()}"
-    assert set(DEMO_METHODS) == {"ce", "pixel_contrast", "contextrast", "wsss_cam", "dscnet"}
+    assert DEMO_METHODS == list(METHODS)  # every registered method is in the demo
     text = report.read_text()
     for name in DEMO_METHODS:
         assert (out / name / "eval.json").is_file()
@@ -35,7 +38,20 @@ def test_demo_trains_every_method_and_writes_one_self_contained_report(tmp_path)
     stamps = {n: (out / n / "eval.json").stat().st_mtime_ns for n in DEMO_METHODS}
     again = run_ctxseg(["demo", "--out", str(out), *TINY])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished earlier, reusing") == len(DEMO_METHODS)
+    assert again.stdout.count("finished earlier with the same settings, reusing") == len(DEMO_METHODS)
+    assert stamps == {n: (out / n / "eval.json").stat().st_mtime_ns for n in DEMO_METHODS}
+
+    # Other settings: refused before anything is trained, naming the folder and the keys.
+    longer = run_ctxseg(["demo", "--out", str(out), *TINY, "--iters", "2"])
+    assert longer.returncode == 2 and "Traceback" not in longer.stderr
+    assert f"run folder {out / DEMO_METHODS[0]} was made with other settings" in longer.stderr
+    assert "iters (folder: 1, asked: 2)" in longer.stderr and "eval_every" not in longer.stderr  # 1 // 2 -> 1 both
+    other = run_ctxseg(["demo", "--out", str(out), "--methods", "ce", *TINY, "--set", "lr=0.5"])
+    assert other.returncode == 2 and f"{out / 'ce'} was made with other settings: lr (folder: " in other.stderr
+    assert "asked: 0.5)" in other.stderr
+    # A runtime key is not a setting: the runs are reused.
+    runtime = run_ctxseg(["demo", "--out", str(out), "--methods", "ce", *TINY, "--set", "ckpt_every=7"])
+    assert runtime.returncode == 0 and "finished earlier with the same settings, reusing" in runtime.stdout
     assert stamps == {n: (out / n / "eval.json").stat().st_mtime_ns for n in DEMO_METHODS}
 
 

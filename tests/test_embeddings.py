@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ctxseg.config import make_config
 from ctxseg.data.base import DatasetInfo
+from ctxseg.methods import get_method
 from ctxseg.viz import embeddings as E
 from ctxseg.viz.errors import edge_band
 
@@ -36,33 +37,65 @@ class ToyDataset:
         return {"image": self.images[i], "mask": self.masks[i]}
 
 
-def oracle_sample(ds, per_class, seed):
-    """All pixels at once with the same per-image generators, then the top priorities per class."""
-    rows = []
-    for i in range(len(ds)):
-        mask = ds[i]["mask"]
-        h, w = mask.shape
-        prio = torch.rand(h * w, generator=torch.Generator().manual_seed(seed * 1_000_003 + i), dtype=torch.float64)
-        for p in range(h * w):
-            if mask.reshape(-1)[p] != 255:
-                rows.append((float(prio[p]), int(mask.reshape(-1)[p]), i, p // w, p % w))
-    chosen = set()
-    for c in range(INFO.num_classes):
-        mine = sorted((r for r in rows if r[1] == c), reverse=True)[:per_class]
-        chosen |= {(r[2], r[3], r[4]) for r in mine}
-    return chosen
+class OnlyImages:
+    """``ds`` with every image outside ``keep`` replaced by a 1x1 image whose pixel is ignored (the
+    indices unchanged)."""
+
+    def __init__(self, ds, keep):
+        self.ds, self.keep, self.info, self.split = ds, set(keep), ds.info, ds.split
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i in self.keep:
+            return self.ds[i]
+        return {"image": torch.zeros(3, 1, 1), "mask": torch.full((1, 1), 255)}
+
+
+def positions(s):
+    return {(int(i), int(y), int(x)) for i, y, x in zip(s.image, s.y, s.x)}
 
 
 @pytest.mark.parametrize("per_class", [1, 7, 1000])
-def test_sample_pixels_draws_each_class_uniformly_like_a_global_draw(per_class):
+def test_sample_pixels_draws_per_class_without_replacement_and_streams_over_the_images(per_class):
     ds = ToyDataset()
     s = E.sample_pixels(ds, per_class=per_class, boundary_px=1, seed=3)
-    assert {(int(i), int(y), int(x)) for i, y, x in zip(s.image, s.y, s.x)} == oracle_sample(ds, per_class, 3)
     labels = torch.stack([ds[i]["mask"] for i in range(len(ds))])
     assert np.array_equal(s.label, labels[s.image, s.y, s.x].numpy())  # labels read at the positions
     counts = torch.bincount(labels[labels != 255], minlength=4).numpy()
     assert np.array_equal(np.bincount(s.label, minlength=4), np.minimum(counts, per_class))
-    assert len(s) == len({(i, y, x) for i, y, x in zip(s.image, s.y, s.x)})  # without replacement
+    assert len(s) == len(positions(s))  # without replacement
+    if per_class >= counts.max():  # every labelled pixel
+        assert positions(s) == {tuple(p) for p in (labels != 255).nonzero().tolist()}
+    # One draw over all images, whatever the images around a pixel: a pixel drawn from the whole
+    # set is also drawn from any subset of the images that holds it, the others replaced by other
+    # images (a draw whose random numbers depend on the images seen before breaks this).
+    for part in ({0, 1}, {2, 3, 4}, {1, 3}):
+        drawn = positions(E.sample_pixels(OnlyImages(ds, part), per_class=per_class, boundary_px=1, seed=3))
+        assert {p for p in positions(s) if p[0] in part} <= drawn, part
+
+
+def test_sample_pixels_draws_each_pixel_of_a_class_equally_often():
+    """Over 200 seeds each pixel of class c is drawn 200 * min(k, n_c) / n_c times in expectation:
+    a chi-square test per class (deterministic: fixed seeds; a draw that favours some images or
+    positions, as taking the first k pixels would, gives a statistic far above the bound)."""
+    from scipy.stats import chi2
+
+    ds, k, seeds = ToyDataset(), 7, 200
+    labels = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+    hits = torch.zeros(labels.shape)
+    for seed in range(seeds):
+        s = E.sample_pixels(ds, per_class=k, boundary_px=0, seed=seed)
+        hits[s.image, s.y, s.x] += 1
+    for c in range(3):
+        obs = hits[labels == c].double()
+        n = len(obs)
+        assert n > k and obs.sum() == seeds * k
+        expected = seeds * k / n
+        stat = float(((obs - expected) ** 2 / expected).sum())
+        assert stat < chi2.ppf(1 - 1e-4, n - 1), (c, stat, n)
+    assert hits[labels == 255].sum() == 0
 
 
 def test_sample_pixels_is_seeded():
@@ -117,7 +150,7 @@ def test_embed_pixels_reads_each_feature_and_the_evaluation_prediction():
 
     ds = ToyDataset(n=3, h=32, w=32)
     model = tiny_model()
-    assert E.feature_names(model) == ["decoder", *E.STAGES]
+    assert E.feature_names(model) == ["decoder", "stage1", "stage2", "stage3", "stage4"]
     s = E.sample_pixels(ds, per_class=20, seed=0)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     with torch.no_grad():
@@ -135,6 +168,27 @@ def test_embed_pixels_reads_each_feature_and_the_evaluation_prediction():
         assert emb.metric == ("cosine" if normalized else "euclidean")
     with pytest.raises(ValueError, match="projection"):
         E.embed_pixels(model, ds, s, "projection")
+
+
+def test_each_run_is_embedded_by_default_with_the_feature_its_loss_shapes():
+    """The method declares it (``Method.embedding_feature``): Contextrast contrasting the decoder's
+    maps (the default) is shown with the map the classifier reads, not its stride-4 stage head;
+    with the encoder's stages (and runs older than the setting) with that head."""
+    assert E.default_feature({"method": "ce"}) == "decoder"
+    assert E.default_feature({"method": "pixel_contrast", "memory": True}) == "projection"
+    assert E.default_feature({"method": "dscnet"}) == "projection"
+    assert E.default_feature({"method": "wsss_cam"}) == "decoder"
+    assert E.default_feature({"method": "contextrast", "contrast_features": "decoder"}) == "decoder"
+    assert E.default_feature({"method": "contextrast", "contrast_features": "encoder"}) == "stage1"
+    assert E.default_feature({"method": "contextrast"}) == "stage1"  # a config.yaml from before the setting
+    from ctxseg.config import to_plain
+    from ctxseg.methods.contextrast import ContextrastConfig
+
+    assert E.default_feature(to_plain(make_config(ContextrastConfig))) == "decoder"  # today's default
+    for method in ("ce", "pixel_contrast", "contextrast", "dscnet"):
+        model = tiny_model(method)
+        cfg = to_plain(make_config(get_method(method).config_class))
+        assert E.default_feature(cfg) in E.feature_names(model)
 
 
 def test_projection_feature_for_pixel_contrast_models():

@@ -173,6 +173,56 @@ def test_missing_split_lists_the_splits(tmp_path):
         build_dataset("folder", "train")
 
 
+def test_empty_split_folders_are_errors(tmp_path):
+    root = make_folder(tmp_path / "d")
+    (root / "images" / "test").mkdir()  # a split folder without images
+    (root / "images" / "test" / "notes.txt").write_text("not an image")
+    assert f"no images (.png, .jpg, .jpeg) in {root / 'images' / 'test'}" in _error(root, "test")
+    empty = tmp_path / "e"
+    (empty / "images").mkdir(parents=True)  # images/ without any split folder
+    (empty / "classes.yaml").write_text("names: [sky, road, car]\n")
+    message = _error(empty, "train")
+    assert f"no folder {empty / 'images' / 'train'} for split 'train'" in message
+    assert "none (images/ has no sub-folder)" in message
+
+
+def test_an_rgb_label_map_is_an_error_naming_the_file_and_a_palette_png_is_read_as_indices(tmp_path):
+    root = make_folder(tmp_path / "d")
+    rgb = root / "masks" / "train" / "b.png"  # a colour-coded label map (what annotation tools often export)
+    Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(rgb)
+    ds = FolderDataset(root, "train")
+    with pytest.raises(DatasetError) as e:
+        ds[1]
+    assert f"label map {rgb} has mode 'RGB'" in str(e.value) and "single-channel PNG" in str(e.value)
+    with pytest.raises(DatasetError, match="has mode 'RGB'"):
+        ds.image_tags()  # tags from the label maps read it too
+    # The same classes as a palette PNG (mode P): the pixel values are the class indices.
+    values = write_mask(tmp_path / "x.png", [2, 0])
+    pal = Image.frombytes("P", (W, H), values.astype(np.uint8).tobytes())
+    pal.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 0, 0, 128] + [0] * (256 * 3 - 12))
+    pal.save(rgb)
+    assert torch.equal(FolderDataset(root, "train")[1]["mask"], torch.from_numpy(values).long())
+    assert tag_names(FolderDataset(root, "train")[1]["tags"]) == ["sky", "car"]
+
+
+def test_an_empty_tags_field_means_no_class(tmp_path):
+    # An empty field (or only separators and spaces): the image has no class; its row still wins
+    # over its label map, and a background class is still added.
+    csv = "image,tags\na,\nb, ; \nc,car\n"
+    root = make_folder(tmp_path / "d", tags=csv)
+    ds = FolderDataset(root, "train")
+    assert [tag_names(ds[i]["tags"]) for i in range(3)] == [[], [], ["car"]]
+    assert ds.image_tags().sum(1).tolist() == [0, 0, 1]
+    csv_only = make_folder(tmp_path / "e", classes="names: [sky, road, car]\ntags: csv\n", masks={}, tags=csv)
+    assert [tag_names(FolderDataset(csv_only, "train")[i]["tags"]) for i in range(3)] == [[], [], ["car"]]
+    with_bg = make_folder(tmp_path / "f", classes="names: [bg, road, car]\nbackground: bg\n", tags=csv)
+    assert [tag_names(FolderDataset(with_bg, "train")[i]["tags"], ["bg", "road", "car"]) for i in range(3)] == \
+        [["bg"], ["bg"], ["bg", "car"]]
+    # An empty image field is an error, not a row for no image.
+    (root / "tags.csv").write_text("image,tags\na,car\n,road\n")
+    assert "line 3: the image field is empty" in _error(root)
+
+
 def test_image_without_mask_when_masks_are_required(tmp_path):
     root = make_folder(tmp_path / "d", tags="image,tags\nb,car\n")
     (root / "masks" / "train" / "b.png").unlink()

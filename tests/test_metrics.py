@@ -180,7 +180,8 @@ def test_ignore_pixels_do_not_count():
 
 
 def _scipy_boundary(mask: np.ndarray, d: int) -> np.ndarray:
-    """Oracle: the reference mask_to_boundary (zero-pad, d iterations of a 3x3 erosion)."""
+    """Oracle: Boundary IoU's boundary region (Cheng et al., CVPR 2021; docs/methods.md (EV-2)) as
+    the authors' mask_to_boundary computes it (zero-pad, d iterations of a 3x3 erosion)."""
     from scipy.ndimage import binary_erosion
 
     padded = np.pad(mask, 1, mode="constant", constant_values=False)

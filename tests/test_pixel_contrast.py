@@ -1,6 +1,7 @@
-"""Pixel contrast: the vectorised sampler, loss and memory bank against loop oracles
-(tests/pixel_contrast_oracle.py), the edge cases that give NaN in the public reference code, and
-the method inside the trainer (warm-up, single-process contrast, resume with the memory bank)."""
+"""Pixel contrast (docs/methods.md, "Pixel contrast"): the vectorised sampler, loss and memory bank
+against loop oracles (tests/pixel_contrast_oracle.py), the edge cases that give NaN in the public
+reference code (docs/methods.md, "Pixel contrast", defect 4), and the method inside the trainer
+(warm-up, single-process contrast (defect 5), resume with the memory bank)."""
 
 from collections import Counter
 
@@ -13,10 +14,8 @@ from ctxseg.config import make_config
 from ctxseg.data import SyntheticScenes, eval_transform
 from ctxseg.engine.checkpoint import list_checkpoints
 from ctxseg.engine.trainer import Trainer
-from ctxseg.methods.pixel_contrast import (
+from ctxseg.methods.contrast import (
     MemoryBank,
-    PixelContrast,
-    PixelContrastConfig,
     anchor_counts,
     blocked_contrast_loss,
     contrast_loss,
@@ -28,6 +27,7 @@ from ctxseg.methods.pixel_contrast import (
     project_rows,
     sample_anchors,
 )
+from ctxseg.methods.pixel_contrast import PixelContrast, PixelContrastConfig
 from ctxseg.models import Segmenter
 from ctxseg.models.segmenter import upsample_to
 from ctxseg.runs import load_run
@@ -256,7 +256,7 @@ def _filled_bank(C=5, size=12, dim=16, seed=9):
     (0.01, 0.07, 1.0, "shifted"),  # exp(s) reaches exp(100): the sums leave the range by themselves
 ])
 def test_blocked_loss_on_the_queues_matches_the_loop_oracle(T, T_base, norm, path, monkeypatch):
-    import ctxseg.methods.pixel_contrast as pc
+    import ctxseg.methods.contrast as pc
 
     calls = []
     negative_sums = pc._negative_sums
@@ -401,7 +401,10 @@ def test_loss_is_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = contrast_loss(feats.bfloat16(), y)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(contrast_loss(feats.bfloat16().float(), y).item(), abs=1e-6)
+    # The loop oracle in float64 on the same bf16-rounded features: a loss computed in bf16 would
+    # be off by ~1e-2.
+    want = oracle.contrast_loss(feats.bfloat16().double(), y)
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,9 +455,10 @@ def test_labels_are_downsampled_on_the_embedding_stride():
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     mask = (ys * W + xs)[None]  # each pixel labelled with its own position
     i, j = torch.meshgrid(torch.arange(H // s), torch.arange(W // s), indexing="ij")
-    # center (the default): the pixel at (s i + 1, s j + 1), the centre of each 4x4 block (rounded down)
+    # center (the default, docs/methods.md (SH-2)): the pixel at (s i + 1, s j + 1), the centre of
+    # each 4x4 block (rounded down)
     assert torch.equal(downsample_labels(mask, (H // s, W // s))[0], (i * s + 1) * W + j * s + 1)
-    # nearest, the former rule: the block's top-left pixel
+    # nearest, the former rule (SH-4): the block's top-left pixel
     assert torch.equal(downsample_labels(mask, (H // s, W // s), "nearest")[0], (i * s) * W + j * s)
 
 
@@ -505,11 +509,16 @@ def test_logged_anchor_counts_are_the_samples_counts():
     assert terms["anchors"].item() == len(a) and terms["anchor_classes"].item() == len(want)
     assert set(terms) == {"ce", "contrast", "anchors", "anchor_classes"} | {f"anchors/{n}" for n in names}
     assert all(torch.is_tensor(v) for v in terms.values())  # read by the trainer on logging steps only
-    # The per-image default: each image's quota is min(512 // its qualifying classes, max_views).
+    # The per-image default: each image's quota is min(512 // its qualifying classes, max_views),
+    # and each (image, class) its share of it: the loop oracle's counts.
     labels = downsample_labels(batch["mask"], (16, 16)).flatten(1)
-    share = method.cfg.min_class_share * 256
-    q = torch.stack([(torch.bincount(row[row < 8], minlength=8) > share).sum() for row in labels])
-    assert torch.equal(a.n_view, torch.where(q > 0, torch.clamp(512 // q.clamp(min=1), max=10), 0))
+    preds = upsample_to(out["logits"].detach().float(), (16, 16)).argmax(1).flatten(1)
+    cfg = method.cfg
+    counts, n_views = oracle.sample_counts(labels, preds, 8, cfg.max_samples, cfg.max_views,
+                                           per_image=cfg.anchors_per_image, min_share=cfg.min_class_share)
+    assert a.n_view.tolist() == n_views and max(n_views) > 0
+    got = Counter(zip((a.index // 256).tolist(), a.label.tolist()))
+    assert got == {bc: hard + easy for bc, (hard, easy) in counts.items()}
     # Wide datasets: totals only.
     method.cfg.log_class_anchors = len(names) - 1
     _, terms = method(out, batch, 10)
@@ -527,8 +536,9 @@ def test_per_batch_budget_is_the_old_rule():
     torch.manual_seed(4)
     b = sample_anchors(labels, preds, 8, 30, 10)
     assert torch.equal(a.index, b.index) and torch.equal(a.n_view, b.n_view)
-    q = sum(int((torch.bincount(row[row < 8], minlength=8) > 10).sum()) for row in labels)
-    assert q > 0 and a.n_view.unique().tolist() == [max(1, min(30 // q, 10))]
+    counts, n_views = oracle.sample_counts(labels, preds, 8, 30, 10)  # the loop oracle's n_view per image
+    assert a.n_view.tolist() == n_views and len(counts) > 0
+    assert Counter(zip((a.index // 256).tolist(), a.label.tolist())) == {bc: h + e for bc, (h, e) in counts.items()}
 
 
 def test_memory_fills_during_warmup_and_is_read_after():
@@ -665,8 +675,8 @@ def test_labels_on_the_encoders_grids_come_from_the_blocks_the_cells_cover():
     32 over 180 rows is 6 cells, a pitch of 30 px. A hand-built mask labels each 32-row block (and
     each 4-row block) by its index: the ``center`` rule gives every cell its own block's label,
     where ``nearest`` (the former rule) drifts a block behind toward the bottom; ``majority`` agrees
-    with ``center`` on pure blocks and ignores an impure one."""
-    from ctxseg.methods.pixel_contrast import grid_stride
+    with ``center`` on pure blocks and ignores an impure one (docs/methods.md (SH-1)-(SH-4))."""
+    from ctxseg.methods.contrast import grid_stride
     from ctxseg.models import Segmenter
 
     model = Segmenter(11, "tf_efficientnet_lite0").eval()

@@ -16,6 +16,7 @@ from torch import nn
 from ctxseg.config import make_config, to_plain
 from ctxseg.engine import distributed as D
 from ctxseg.engine.distributed import DistInfo, default_num_workers, maybe_sync_bn, resolve_sync_bn
+from ctxseg.engine.resolve import resolve_config
 from ctxseg.engine.trainer import Trainer
 from ctxseg.methods.ce import CEConfig, CrossEntropy
 from ctxseg.models.segmenter import Segmenter
@@ -41,13 +42,13 @@ def test_sync_bn_resolution_rule(asked, world, device, expected):
 def test_config_resolves_sync_bn_from_the_device_and_torchrun_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for asked in (None, True, False):  # CPU processes (gloo): never on
-        assert make_config(CEConfig, iters=1, device="cpu", sync_bn=asked).resolved().sync_bn is False
+        assert resolve_config(make_config(CEConfig, iters=1, device="cpu", sync_bn=asked)).sync_bn is False
     # CUDA is named, not used: resolution does not touch the device.
-    assert make_config(CEConfig, iters=1, device="cuda:1").resolved().sync_bn is True
-    assert make_config(CEConfig, iters=1, device="cuda", sync_bn=False).resolved().sync_bn is False
+    assert resolve_config(make_config(CEConfig, iters=1, device="cuda:1")).sync_bn is True
+    assert resolve_config(make_config(CEConfig, iters=1, device="cuda", sync_bn=False)).sync_bn is False
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert make_config(CEConfig, iters=1, device="cuda").resolved().sync_bn is False
-    assert make_config(CEConfig, iters=1, device="cuda", sync_bn=True).resolved().sync_bn is True
+    assert resolve_config(make_config(CEConfig, iters=1, device="cuda")).sync_bn is False
+    assert resolve_config(make_config(CEConfig, iters=1, device="cuda", sync_bn=True)).sync_bn is True
 
 
 def test_maybe_sync_bn_converts_every_batch_norm_on_cuda_multiprocess_and_keeps_the_function():
@@ -127,17 +128,17 @@ def test_training_workers_run_at_the_lowest_priority(tmp_path):
 def test_config_resolves_num_workers_from_the_cpus_of_each_local_process(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert make_config(CEConfig, iters=1).resolved().num_workers == 8  # 12 cores, at most 8
+    assert resolve_config(make_config(CEConfig, iters=1)).num_workers == 8  # 12 cores, at most 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, 2 processes on this machine
-    assert make_config(CEConfig, iters=1).resolved().num_workers == 6
+    assert resolve_config(make_config(CEConfig, iters=1)).num_workers == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "5")
-    assert make_config(CEConfig, iters=1).resolved().num_workers == 2  # 12 // 5
+    assert resolve_config(make_config(CEConfig, iters=1)).num_workers == 2  # 12 // 5
     for explicit in (0, 3):  # an explicit count is kept, 0 included
-        assert make_config(CEConfig, iters=1, num_workers=explicit).resolved().num_workers == explicit
+        assert resolve_config(make_config(CEConfig, iters=1, num_workers=explicit)).num_workers == explicit
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         make_config(CEConfig, iters=1, num_workers=-1).validate()
-    resolved = make_config(CEConfig, iters=1).resolved()
-    assert to_plain(resolved.resolved()) == to_plain(resolved)  # what training stores resolves to itself
+    resolved = resolve_config(make_config(CEConfig, iters=1))
+    assert to_plain(resolve_config(resolved)) == to_plain(resolved)  # what training stores resolves to itself
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +161,29 @@ def test_tensorboard_without_the_package_is_a_one_line_error_before_training(tmp
     assert len(lines) == 1 and lines[0].startswith("error: tensorboard=true needs the tensorboard package"), res.stderr
     assert "pip install 'ctxseg[tensorboard]'" in lines[0]
     assert not out.exists()  # nothing trained, no run folder
+
+
+def test_config_yaml_holds_the_resolved_values(tmp_path, monkeypatch, capsys):
+    """What a run stores is the resolved config, each automatic value as this machine resolved it
+    (by hand below: 12 cores, no torchrun, a CPU, timm's test encoder), no tensorboard needed."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    cfg = make_config(CEConfig, iters=1, out=str(out), **{**TINY, "num_workers": None}, sync_bn=True)
+    assert (cfg.num_workers, cfg.sync_bn, cfg.gather_contrast, cfg.pretrained, cfg.norm_mean) == (None, True, None,
+                                                                                                   None, None)
+    trainer = Trainer(cfg, CrossEntropy, progress=False)
+    assert "sync_bn=true does not apply on CPU" in capsys.readouterr().err
+    trainer._start_run_folder()  # what fit() writes first
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["num_workers"] == 8  # min(8, 12 cores // 1 process)
+    assert saved["sync_bn"] is False  # asked, but never on a CPU
+    assert saved["gather_contrast"] is False  # one process
+    assert saved["pretrained"] is False  # test_resnet's weights do not ship with ctxseg
+    assert saved["norm_mean"] == [0.485, 0.456, 0.406] and saved["norm_std"] == [0.229, 0.224, 0.225]  # ImageNet's
+    assert saved["crop"] == [32, 32] and saved["method"] == "ce" and saved["out"] == str(out)
+    assert saved == to_plain(trainer.cfg)
 
 
 @pytest.mark.slow
@@ -195,19 +219,19 @@ def test_config_yaml_holds_the_resolved_values_and_tensorboard_the_metrics(tmp_p
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in kind_rows], rel=1e-6)
 
 
-def test_a_study_reuses_run_folders_made_with_another_worker_count_or_tensorboard(tmp_path, monkeypatch):
-    from ctxseg.study import config_diff
+def test_run_folders_made_with_another_worker_count_or_tensorboard_are_reused(tmp_path, monkeypatch):
+    from ctxseg.runs import settings_diff as config_diff
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     asked = make_config(CEConfig, iters=4, out=str(tmp_path / "run"), device="cpu")  # num_workers None: auto
-    saved = to_plain(asked.resolved())
+    saved = to_plain(resolve_config(asked))
     assert config_diff(saved, asked) == []
     # A folder from before the automatic count (num_workers: 2), or written with TensorBoard on.
     assert config_diff({**saved, "num_workers": default_num_workers() + 1, "tensorboard": True}, asked) == []
     # sync_bn changes what is computed: a folder trained with it (on one GPU, forced) is another run.
     on_gpu = make_config(CEConfig, iters=4, out=str(tmp_path / "run"), device="cuda")
-    assert config_diff({**to_plain(on_gpu.resolved()), "sync_bn": True}, on_gpu) == [("sync_bn", True, False)]
+    assert config_diff({**to_plain(resolve_config(on_gpu)), "sync_bn": True}, on_gpu) == [("sync_bn", True, False)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +260,35 @@ def test_cpu_amp_runs_the_network_in_bf16_and_the_loss_in_float32(tmp_path, monk
 
     off = Trainer(make_config(CEConfig, iters=1, out=str(tmp_path / "off"), **TINY), Spy, progress=False)
     assert off.amp_dtype is None  # the default: float32
+
+
+def test_cpu_amp_trains_as_float32_does_up_to_bf16_rounding(tmp_path):
+    """The AMP path for real (no stand-in for the CPU check): two runs from the same weights on the
+    same batches, one with cpu_amp. The bf16 forward pass changes the losses by bf16's rounding
+    (about 1 %), not more, and not by nothing; SGD's updates follow those of float32."""
+    from ctxseg.engine.trainer import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU computes no bf16 natively (AVX512-BF16 or AMX): cpu_amp trains in float32 here")
+    runs = {}
+    for name, amp in (("float32", False), ("bf16", True)):
+        cfg = make_config(CEConfig, iters=3, out=str(tmp_path / name), cpu_amp=amp, optimizer="sgd", lr=0.05, **TINY)
+        trainer = Trainer(cfg, CrossEntropy, progress=False)
+        assert trainer.amp_dtype == (torch.bfloat16 if amp else None)
+        init = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+        trainer.fit()
+        losses = [json.loads(r)["loss"] for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in r]
+        moved = {k: trainer.model.state_dict()[k] - v for k, v in init.items()}
+        assert all(v.dtype == torch.float32 for v in trainer.model.state_dict().values() if v.is_floating_point())
+        runs[name] = init, losses, moved
+    (init32, loss32, moved32), (init16, loss16, moved16) = runs["float32"], runs["bf16"]
+    assert all(torch.equal(init32[k], init16[k]) for k in init32)  # the same start
+    assert len(loss32) == len(loss16) == 3
+    assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=3e-2)
+    step32 = torch.cat([v.flatten() for v in moved32.values()])
+    step16 = torch.cat([v.flatten() for v in moved16.values()])
+    assert step32.norm() > 0 and (step16 - step32).norm() < 0.2 * step32.norm()
 
 
 def test_cpu_amp_without_native_bf16_says_so_and_trains_in_float32(tmp_path, monkeypatch, capsys):

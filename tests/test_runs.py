@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from ctxseg.config import make_config
 from ctxseg.data.synthetic import SYNTHETIC_INFO
 from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ctxseg.engine.resolve import resolve_config
 from ctxseg.engine.trainer import Trainer
 from ctxseg.methods import METHODS, get_method
 from ctxseg.methods.pixel_contrast import PixelContrast, PixelContrastConfig
@@ -69,7 +70,7 @@ def test_run_file_choice_and_errors(run_dir, tmp_path):
 
 
 def test_trainer_takes_a_method_class_or_instance(tmp_path):
-    cfg = make_config(PixelContrastConfig, "synthetic", out=str(tmp_path / "a"), **TINY).resolved()
+    cfg = resolve_config(make_config(PixelContrastConfig, "synthetic", out=str(tmp_path / "a"), **TINY))
     by_class = Trainer(cfg, PixelContrast, progress=False)
     assert type(by_class.method) is PixelContrast and by_class.method.total_iters == 2
     built = PixelContrast(cfg, SYNTHETIC_INFO, total_iters=2)
@@ -77,4 +78,30 @@ def test_trainer_takes_a_method_class_or_instance(tmp_path):
                           progress=False)
     assert by_instance.method is built and "proj" in by_instance.model.heads
     assert trainer(cfg, progress=False).method.__class__ is get_method("pixel_contrast")
-    assert set(METHODS) == {"ce", "pixel_contrast", "contextrast", "wsss_cam", "dscnet"}
+    # The registry is consistent: each name's config says it is that method, so a stored run finds its class.
+    for name, cls in METHODS.items():
+        assert cls.config_class.method == name and get_method(name) is cls
+
+
+def test_train_or_reuse_follows_the_one_reuse_rule(run_dir, capsys):
+    """The notebooks' ``train_or_reuse`` reuses a finished run only with the same settings (runtime
+    keys aside), by the rule demo and study use; another setting is refused, naming the folder and
+    the key, and nothing in the folder changes."""
+    from dataclasses import replace
+
+    from ctxseg.runs import RunSettingsError, reusable_state, train_or_reuse
+
+    same = make_config(PixelContrastConfig, "synthetic", out=str(run_dir), **TINY)
+    stamp = (run_dir / "eval.json").stat().st_mtime_ns
+    assert reusable_state(run_dir, same) == "finished"
+    assert train_or_reuse(replace(same, ckpt_every=1, num_workers=1), progress=False)["miou"] >= 0  # runtime keys
+    assert "has finished: reusing it" in capsys.readouterr().out
+    for key, value in (("iters", 3), ("temperature", 0.2), ("memory_size", 11)):
+        with pytest.raises(RunSettingsError, match=rf"run folder {run_dir} was made with other settings: {key} \(folder: "):
+            train_or_reuse(replace(same, **{key: value}), progress=False)
+    assert (run_dir / "eval.json").stat().st_mtime_ns == stamp
+    # The study's own exception: eval_split may differ (it evaluates on the other split instead).
+    other_split = replace(same, eval_split="train")
+    with pytest.raises(RunSettingsError, match="eval_split"):
+        reusable_state(run_dir, other_split)
+    assert reusable_state(run_dir, other_split, ignore=("eval_split",)) == "finished"

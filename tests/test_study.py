@@ -16,6 +16,7 @@ from ctxseg.study import (
     paired_interval,
     parse_method_spec,
     parse_method_specs,
+    reading,
     render_markdown,
     summarize,
 )
@@ -248,12 +249,87 @@ def test_parallel_jobs_train_the_same_runs_as_one_at_a_time(tiny_study, tmp_path
 
 
 def test_job_resources_divide_the_cpus():
-    # Each of N jobs gets cpus // N torch threads (at least 1) and, as one of N torchrun processes,
-    # cpus // N low-priority loader workers (at least 1, at most 8).
-    assert job_resources(2, cpus=8) == (4, 4)
-    assert job_resources(3, cpus=2) == (1, 1)
-    assert job_resources(2, threads=1, cpus=16) == (1, 8)
-    assert job_resources(4, cpus=12) == (3, 3)
+    # Each of N jobs gets cpus // N torch threads (at least 1; --threads wins) and, as one of N
+    # torchrun processes, cpus // N low-priority loader workers (at least 1, at most 8).
+    assert job_resources(2, cpus=8) == (4, 4)  # 8 // 2 = 4 threads, 4 workers
+    assert job_resources(3, cpus=2) == (1, 1)  # 2 // 3 = 0: at least 1 of each
+    assert job_resources(2, threads=1, cpus=16) == (1, 8)  # --threads 1; 16 // 2 = 8 workers
+    assert job_resources(4, cpus=12) == (3, 3)  # 12 // 4 = 3 and 3
+    assert job_resources(1, cpus=12) == (12, 8)  # 12 threads; 12 workers capped at 8
+    assert job_resources(2, threads=3, cpus=7) == (3, 3)  # --threads 3; 7 // 2 = 3 workers
+
+
+def test_paired_interval_with_two_seeds_and_with_no_spread():
+    # n = 2: one degree of freedom, t(0.975, 1) = 12.7062047361747. Diffs 0.01 and 0.03: mean 0.02,
+    # sd = sqrt((0.01^2 + 0.01^2) / 1) = 0.01 * sqrt(2), half width = t * sd / sqrt(2) = t * 0.01.
+    p = paired_interval([0.01, 0.03])
+    assert p["n"] == 2 and p["n_improved"] == 2 and p["t"] == pytest.approx(12.7062047361747, rel=1e-12)
+    assert p["mean"] == pytest.approx(0.02) and p["sd"] == pytest.approx(0.01 * math.sqrt(2))
+    assert p["ci_low"] == pytest.approx(0.02 - 0.127062047361747) and p["ci_high"] == pytest.approx(0.02 + 0.127062047361747)
+    assert p["includes_zero"] is True
+    # Every seed the same difference: sd 0, the interval is the mean itself (no noise to speak of).
+    flat = paired_interval([0.02, 0.02, 0.02])
+    assert flat["sd"] == 0 and flat["ci_low"] == flat["ci_high"] == pytest.approx(0.02)
+    assert flat["includes_zero"] is False and flat["n_improved"] == 3
+    zero = paired_interval([0.0, 0.0])  # the same numbers as the baseline: 0 is inside [0, 0]
+    assert zero["ci_low"] == zero["ci_high"] == 0 and zero["includes_zero"] is True and zero["n_improved"] == 0
+    negative = paired_interval([-0.01, -0.01])
+    assert negative["ci_high"] == pytest.approx(-0.01) and negative["includes_zero"] is False
+    assert reading(negative, "ce") == "lower than ce (interval excludes 0)" and reading(zero, "ce") == NOISE
+
+
+def _fake_study(out, fail, jobs):
+    """``run_study`` of ce and pixel_contrast over seeds 0 and 1 with study_fake_train's training
+    (the runs in ``fail`` raise); returns (summary, log lines)."""
+    import functools
+
+    from study_fake_train import fake_train
+
+    from ctxseg.config import make_config
+    from ctxseg.methods import get_method
+    from ctxseg.study import plan_runs, run_study
+
+    specs = parse_method_specs(["ce", "pixel_contrast"])
+    runs = plan_runs(specs, [0, 1], out, lambda spec: make_config(get_method(spec.name).config_class, iters=1,
+                                                                   encoder="test_resnet", device="cpu"))
+    lines = []
+    summary = run_study(runs, specs, [0, 1], out, "val", train=functools.partial(fake_train, fail=fail),
+                        evaluator=None, log=lambda line, **_: lines.append(line), jobs=jobs, threads=1)
+    return summary, lines
+
+
+def _finished(out):
+    return sorted(str(p.parent.relative_to(out)) for p in out.rglob("eval.json"))
+
+
+def test_with_jobs_a_failed_run_does_not_stop_the_others_and_all_failures_are_reported(tmp_path):
+    # --jobs 2: the first run and the last fail; the two between still train, both failures are
+    # named at the end, and the next call (one at a time: no more worker processes to start)
+    # trains only the failed ones.
+    out = tmp_path / "study"
+    with pytest.raises(RuntimeError) as e:
+        _fake_study(out, frozenset({("ce", 0), ("pixel_contrast", 1)}), jobs=2)
+    message = str(e.value)
+    assert message.startswith("2 of 4 run(s) failed") and "run the study again" in message, message
+    assert "ce seed 0: ValueError: boom in ce seed 0" in message
+    assert "pixel_contrast seed 1: ValueError: boom in pixel_contrast seed 1" in message
+    assert _finished(out) == ["ce/s1", "pixel_contrast/s0"]
+    summary, lines = _fake_study(out, frozenset(), jobs=1)
+    assert [line.split(": ")[1].split(" ->")[0] for line in lines if line.startswith("[")] == \
+        ["training", "reusing", "reusing", "training"]
+    assert summary["missing"] == [] and summary["methods"]["ce"]["seeds"] == [0, 1]
+    assert summary["paired"]["pixel_contrast"]["miou"]["mean"] == pytest.approx(0.02)
+
+
+def test_one_at_a_time_a_failed_run_stops_the_study_with_its_own_error(tmp_path):
+    # Without --jobs the error is the run's own (a data error stays the one-line message of the
+    # command, test_folder_dataset), and the runs after it wait for the next call.
+    out = tmp_path / "study"
+    with pytest.raises(ValueError, match="^boom in pixel_contrast seed 0$"):
+        _fake_study(out, frozenset({("pixel_contrast", 0)}), jobs=1)
+    assert _finished(out) == ["ce/s0"]
+    summary, _ = _fake_study(out, frozenset(), jobs=1)
+    assert _finished(out) == ["ce/s0", "ce/s1", "pixel_contrast/s0", "pixel_contrast/s1"] and summary["missing"] == []
 
 
 @pytest.mark.slow
@@ -340,3 +416,46 @@ def test_eval_of_an_absent_split_is_a_clear_one_line_error(tiny_study, tmp_path,
     assert f"split 'test' of camvid in {camvid}" in line and str(camvid / "test") in line
     assert main(["eval", "--checkpoint", model, "--data", "camvid", "--data-root", str(camvid), "--split", "nope"]) == 2
     assert "unknown CamVid split 'nope'" in _one_error_line(capsys)
+
+
+def test_paired_differences_at_every_evaluation_step_match_a_hand_computation(tmp_path):
+    """Runs that evaluated during training (``eval_every``) give the difference to the baseline at
+    each step, with the same paired-t interval, in summary.json, summary.md and differences.png."""
+    from ctxseg.study import write_summary
+
+    out = tmp_path / "study"
+    # (step 5 mIoU, step 5 boundary IoU, step 10 mIoU, step 10 boundary IoU) per seed
+    base = {0: (0.30, 0.10, 0.50, 0.20), 1: (0.32, 0.12, 0.52, 0.22), 2: (0.34, 0.11, 0.54, 0.21)}
+    other = {0: (0.31, 0.12, 0.53, 0.25), 1: (0.32, 0.15, 0.56, 0.26), 2: (0.36, 0.13, 0.56, 0.27)}
+    for folder, table in (("ce", base), ("contextrast", other)):
+        for seed, (m5, b5, m10, b10) in table.items():
+            run = write_eval(out, folder, seed, m10, b10, 0.8, {"sky": 0.9})
+            rows = [{"step": 5, "loss": 1.0, "sec_per_iter": 0.1},
+                    {"step": 5, "miou": m5, "boundary_iou": b5, "pixel_acc": 0.7, "split": "val"},
+                    {"step": 5, "miou": 0.99, "boundary_iou": 0.99, "split": "train"},  # another split: not read
+                    {"step": 10, "miou": m10, "boundary_iou": b10, "pixel_acc": 0.8, "split": "val"}]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary, md = summary_of(out, ["ce", "contextrast"], [0, 1, 2])
+    curve = summary["paired"]["contextrast"]["by_step"]
+    assert [e["step"] for e in curve] == [5, 10]
+
+    def interval(diffs):
+        mean = sum(diffs) / 3
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+        return mean, mean - T_2DOF * sd / math.sqrt(3), mean + T_2DOF * sd / math.sqrt(3)
+
+    for entry, k in ((curve[0], 0), (curve[1], 2)):
+        for metric, j in (("miou", k), ("boundary_iou", k + 1)):
+            diffs = [other[s][j] - base[s][j] for s in range(3)]
+            mean, lo, hi = interval(diffs)
+            got = entry[metric]
+            assert got["n"] == 3
+            assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx((mean, lo, hi))
+    # step 10 is the final evaluation: the same interval as the final table's
+    assert curve[1]["miou"]["ci_low"] == pytest.approx(summary["paired"]["contextrast"]["miou"]["ci_low"])
+    # step 5's mIoU differences 0.01, 0, 0.02 include 0; step 10's boundary IoU 0.05, 0.04, 0.06 do not
+    assert curve[0]["miou"]["includes_zero"] and not curve[1]["boundary_iou"]["includes_zero"]
+    assert "during training" in md and "| `contextrast` | 5 |" in md
+    write_summary(out, summary)
+    png = (out / "differences.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

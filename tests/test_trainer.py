@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, run_ctxseg
 from safetensors.torch import load_file
 
+from ctxseg.data.synthetic import SYNTHETIC_INFO
 from ctxseg.engine.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -108,6 +110,34 @@ def test_eval_cli_prints_one_json_object(tmp_path):
         result = json.loads(lines[0])
         assert {"miou", "pixel_acc", "boundary_iou", "per_class_iou"} <= result.keys()
         assert result["split"] == "val" and result["num_images"] == 200
-        assert 0 <= result["miou"] <= 1 and len(result["per_class_iou"]) >= 6
+        assert list(result["per_class_iou"]) == list(SYNTHETIC_INFO.class_names)  # the 8 classes, in order
     final = json.loads((out / "eval.json").read_text())
     assert final["miou"] == pytest.approx(result["miou"])  # eval CLI reproduces the run's own number
+
+    # The numbers against scikit-learn on this process's own predictions of the 200 val images
+    # (the CLI predicts with BatchNorm folded into the convolutions: the same argmax up to float
+    # rounding, so a few tied pixels may differ).
+    from sklearn.metrics import confusion_matrix, jaccard_score
+
+    from ctxseg.engine.evaluate import eval_dataset
+    from ctxseg.runs import open_run
+
+    run = open_run(out)
+    val = eval_dataset(run.cfg, "val")
+    preds, labels = [], []
+    with torch.no_grad():
+        for i in range(0, len(val), 50):
+            items = [val[j] for j in range(i, min(i + 50, len(val)))]
+            preds.append(run.model.eval().predict(torch.stack([t["image"] for t in items])).argmax(1).flatten())
+            labels.append(torch.stack([t["mask"] for t in items]).flatten())
+    y, p = torch.cat(labels).numpy(), torch.cat(preds).numpy()
+    assert len(y) == result["num_pixels"] == 200 * 64 * 64
+    k = SYNTHETIC_INFO.num_classes
+    cm = confusion_matrix(y, p, labels=list(range(k)))
+    assert abs(cm - np.asarray(result["confusion"])).sum() <= 0.001 * len(y)
+    present = np.union1d(np.unique(y), np.unique(p))  # IoU is undefined (None) for the other classes
+    iou = jaccard_score(y, p, labels=present, average=None)
+    assert [c for c, v in result["per_class_iou"].items() if v is not None] == \
+        [SYNTHETIC_INFO.class_names[c] for c in present]
+    assert result["miou"] == pytest.approx(iou.mean(), abs=2e-3)
+    assert result["pixel_acc"] == pytest.approx((y == p).mean(), abs=1e-3)

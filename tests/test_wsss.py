@@ -1,5 +1,6 @@
-"""wsss_cam and DSCNet: CAMs, pooling, PAMR, pseudo labels, PGCL and SGCL against loop oracles,
-the class-aware sampler, and the weak evaluation against scikit-learn."""
+"""wsss_cam and DSCNet (docs/methods.md, "WSSS CAM" and "DSCNet"): CAMs, pooling, PAMR, pseudo
+labels, PGCL and SGCL against loop oracles (tests/dscnet_oracle.py), the class-aware sampler, and the
+weak evaluation (docs/methods.md, "Evaluation") against scikit-learn."""
 
 from __future__ import annotations
 
@@ -196,8 +197,8 @@ def test_pamr_equals_the_loop_oracle_and_resizes_the_image_to_the_masks():
     masks = torch.rand(2, 3, 5, 6, generator=g).softmax(1)
     got = pamr(image, masks, dilations=(1, 2), iters=3, temperature=0.1)
     assert torch.allclose(got.double(), oracle.pamr(image, masks, (1, 2), 3, 0.1), atol=1e-5)
-    # The local std is 1-stage-wseg's (centre once per dilation, unbiased): a neighbourhood-only,
-    # biased std would give other weights.
+    # The local std is 1-stage-wseg's (centre once per dilation, unbiased; docs/methods.md (WS-4)):
+    # a neighbourhood-only, biased std would give other weights.
     nb = torch.stack([F.pad(image, (2,) * 4, mode="replicate")[..., 2 + dy: 7 + dy, 2 + dx: 8 + dx]
                       for d in (1, 2) for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx], 2)
     other = (-(image[:, :, None] - nb).abs() / (0.1 * nb.std(2, unbiased=False, keepdim=True) + 1e-8)).mean(1)
@@ -504,10 +505,9 @@ def test_dscnet_terms_equal_the_oracles(variant, budget):
     if variant == "A":
         centres, has = oracle.group_centres(z.double(), y, conf.double(), 4)
     else:
-        onehot = [[u for u in range(len(classes)) if present[u] and classes[u] == k] for k in range(4)]
-        has = torch.tensor([bool(o) for o in onehot])
-        centres = torch.stack([F.normalize(nodes[o].sum(0), dim=0) if o else torch.zeros(cfg.proj_dim,
-                              dtype=torch.float64) for o in onehot])
+        centres, has = oracle.graph_centres(nodes, classes, present, 4)
+        # Every class has a node: background in each image, a tagged in all, b in images 0-1, c in 2.
+        assert has.tolist() == [True] * 4
     pgcl = oracle.group_contrast(anchors.double(), anchor_labels, centres, has, 0.1)
     assert terms["pgcl"].item() == pytest.approx(pgcl.item(), abs=1e-5)
     reliable = (weak["labels"] != IGNORE_INDEX).flatten(1).sum(1)
@@ -612,7 +612,16 @@ def test_a_gated_image_and_padding_contribute_nothing_to_the_segmentation_loss()
     b, terms_b = method({"logits": junk_logits}, {**base, "image": junk_image}, 5)
     assert a.item() == pytest.approx(b.item(), abs=1e-6)
     assert all(terms_a[k].item() == pytest.approx(terms_b[k].item(), abs=1e-6) for k in terms_a)
-    assert terms_a["pseudo_coverage"].item() <= 1.0
+    # pseudo_coverage is the share of image pixels with a pseudo label (before gating): the padded
+    # batch's equals that of the batch cropped to its 12 valid columns, whose labels (without
+    # gating) are counted here by hand.
+    crop = {"logits": logits[..., :12]}, {"image": images[..., :12], "tags": tags}
+    _, terms_crop = method(*crop, 5)
+    _, _, weak = ungated.weak_terms(*crop, 5)
+    labelled = int((weak["labels"] != IGNORE_INDEX).sum())
+    assert 0 < labelled < 3 * 16 * 12  # some pixels unlabelled: the test tells a share from 1
+    assert terms_a["pseudo_coverage"].item() == pytest.approx(labelled / (3 * 16 * 12), abs=1e-6)
+    assert terms_crop["pseudo_coverage"].item() == pytest.approx(labelled / (3 * 16 * 12), abs=1e-6)
 
 
 def test_segmentation_loss_waits_for_the_warmup():
@@ -732,7 +741,7 @@ def test_evaluate_weak_on_perfect_cams():
     assert set(result["cam"]["per_class_iou"].values()) <= {1.0, None}
     # Perfect CAMs: every class present survives into the pseudo labels. PAMR (at full resolution
     # here, dilations up to 24 on 48x48 images) spreads the textured tree into its surroundings:
-    # 0.38 IoU by 1-stage-wseg's rule, 0.03 by the per-pixel rule ctxseg had before.
+    # 0.38 IoU by 1-stage-wseg's rule (WS-6), 0.03 by the per-pixel rule ctxseg had before (WS-7).
     pseudo = result["pseudo"]
     present = [SYNTHETIC_INFO.class_names[k] for k in batch["mask"].unique().tolist()]
     assert all(pseudo["per_class_iou"][name] > 0.3 for name in present), pseudo["per_class_iou"]
@@ -793,7 +802,13 @@ def test_train_and_eval_cli_report_cam_pseudo_and_seg_miou_with_their_splits(tmp
     assert summary["cam_miou"] == pytest.approx(trained["cam"]["miou"], abs=1e-9)
     assert summary["pseudo_miou"] == pytest.approx(trained["pseudo"]["miou"], abs=1e-9)
     assert summary["seg_miou"] == pytest.approx(trained["miou"], abs=1e-9)
-    assert 0.0 <= result["pseudo"]["coverage"] <= 1.0
+    # Coverage by hand from the pseudo labels' confusion matrix (C + 1 columns, the last one the
+    # unlabelled pixels; synthetic labels ignore no pixel): 1 - unlabelled / all pixels.
+    cm = np.asarray(result["pseudo"]["confusion"], dtype=np.float64)
+    assert cm.shape == (9, 9) and cm.sum() == 32 * 64 * 64
+    coverage = 1.0 - cm[:, 8].sum() / cm.sum()
+    assert result["pseudo"]["coverage"] == pytest.approx(coverage, abs=1e-12)
+    assert summary["pseudo_coverage"] == pytest.approx(trained["pseudo"]["coverage"], abs=1e-9)
 
 
 def test_tags_are_those_of_the_whole_image_even_after_a_crop():

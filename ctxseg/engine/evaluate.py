@@ -16,6 +16,7 @@ from ctxseg.config import TrainConfig, to_plain
 from ctxseg.data import build_dataset, eval_transform
 from ctxseg.data.base import DatasetInfo
 from ctxseg.engine.metrics import SegMetrics
+from ctxseg.engine.resolve import resolve_config
 from ctxseg.models.segmenter import Segmenter, class_argmax
 
 
@@ -23,7 +24,7 @@ def build_model(cfg: TrainConfig, num_classes: int, heads=None, load_pretrained:
     """The segmenter a config describes (heads: training-only heads, or None to deploy).
     ``load_pretrained=False`` skips reading the encoder's starting weights (a trained model's are
     loaded next anyway, and that must not need the hub or the original weights file)."""
-    cfg = cfg.resolved()
+    cfg = resolve_config(cfg)
     return Segmenter(
         num_classes,
         encoder=cfg.encoder,

@@ -42,6 +42,7 @@ from ctxseg.engine.checkpoint import (
 )
 from ctxseg.engine.evaluate import build_model, eval_dataset, evaluate, export_safetensors
 from ctxseg.engine.loader import ClassAwareBatchSampler, TrainBatchSampler, eval_loader, train_loader
+from ctxseg.engine.resolve import resolve_config
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -86,7 +87,7 @@ class Trainer:
         # Automatic settings (weights, input normalisation, workers, sync BN) are resolved once and
         # stored with the run.
         asked_sync_bn = cfg.sync_bn
-        self.cfg = cfg = cfg.validate().resolved()
+        self.cfg = cfg = resolve_config(cfg.validate())
         self._tb_writer_class = _summary_writer_class() if cfg.tensorboard else None  # fails here, not mid-run
         self._tb = None
         self.device = D.resolve_device(cfg.device, D.local_rank_from_env())

@@ -29,14 +29,28 @@ class Method(nn.Module):
     """
 
     config_class: type[TrainConfig] = TrainConfig
-    # Whether training reads label maps (False: the weakly supervised methods learn from tags).
+    # What the rest of ctxseg reads about a method (no module outside ctxseg/methods keeps a table
+    # of method names; README, "Add a method"):
+    # whether training reads label maps (False: weakly supervised, it learns from image tags);
     needs_masks: bool = True
+    # whether ``ctxseg demo`` trains it when no --methods are given;
+    in_demo: bool = True
+    # the config fields that tell its variants apart (the "variant" column of comparison tables).
+    key_settings: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainConfig, info: DatasetInfo, total_iters: int = 0):
         super().__init__()
         self.cfg = cfg
         self.info = info
         self.total_iters = total_iters
+
+    @classmethod
+    def embedding_feature(cls, config: Mapping) -> str:
+        """The feature its loss shapes, which figures and embedding scores show by default: a name
+        from ``ctxseg.viz.embeddings.feature_names`` (``"decoder"``, the map the classifier reads,
+        or one a training head offers through ``embedding_features``). ``config``: the run's
+        settings as config.yaml stores them."""
+        return "decoder"
 
     def prepare(self, train_set) -> None:
         """Read what the method needs to know about the training set before its first step

@@ -2,6 +2,7 @@
 
 CE with ignore 255 on the decoder's logits upsampled to the input, optionally plus an auxiliary
 CE on a deeper encoder stage (an FCN head on stride 16, training only, weight ``aux_weight``).
+Specification: ``docs/methods.md#cross-entropy-baseline``.
 """
 
 from __future__ import annotations

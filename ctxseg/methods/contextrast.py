@@ -11,17 +11,19 @@ stages i = 1..4 (strides 4, 8, 16, 32): by default the decoder's maps the classi
    L2-normalised (**CHOICE** ``normalize``). The head's last 1x1 conv and the normalisation are
    folded into the loss's small matrix products (``Projection``, ``inverse_norms``): the same
    numbers, without materialising the 256-d stride-4 embedding map.
-2. Representative anchors: labels are nearest-downsampled to the stage; ``a_i^n`` is the mean of the
-   stage's embeddings of class n over the whole mini-batch, recomputed every step (under torchrun
-   with ``gather_contrast``, the default: over every process's images, the per-class sums and
-   counts gathered with their gradient; so are the negatives' logsumexps and the loss's per-class
-   sums, so each process computes the loss of the whole batch).
+2. Representative anchors: labels are put on the stage's grid by the ``label_grid`` rule
+   (``downsample_labels``); ``a_i^n`` is the mean of the stage's embeddings of class n over the
+   whole mini-batch, recomputed every step (under torchrun with ``gather_contrast``, the default:
+   over every process's images, the per-class sums and counts gathered with their gradient; so are
+   the negatives' logsumexps and the loss's per-class sums, so each process computes the loss of
+   the whole batch).
 3. Context fusion (``fusion``): ``â_i^n = w_l a_i^n + w_h a_4^n`` when class n is present at stage i
    and at the deepest stage, else ``a_i^n`` (**CHOICE** ``fusion_weight`` w_h = 0.5, w_l = 1 - w_h);
    anchors stay in the graph unless ``detach_anchors`` (**CHOICE**, default False).
-4. BANE (``bane``): the final prediction's argmax, nearest-downsampled to the stage, against the
-   stage's labels gives error regions; an exact Euclidean distance transform (``edge_distance``,
-   in torch on the training device) measures each error pixel's distance to its region's edge, and
+4. BANE (``bane``): the final prediction's argmax on the stage's grid (``stage_targets``), against
+   the stage's labels, gives error regions; an exact Euclidean distance transform (``edge_distance``,
+   in torch on the training device) measures each error pixel's distance to its region's edge (on
+   the stride-4 grid and pooled to the coarser stages, **CHOICE** ``bane_distance="fine"``), and
    the ``bane_ratio`` (K_s) fraction nearest the edge is kept (``bane_select``). Which anchors a kept
    pixel is a negative for is ambiguous in the paper (**CHOICE** ``bane_negatives``):
 
@@ -39,7 +41,8 @@ stages i = 1..4 (strides 4, 8, 16, 32): by default the decoder's maps the classi
    ``softplus(logsumexp_{v-}(â.v-/τ) - â.v+/τ)``; ``L_PA = Σ_i λ_i mean_n L_i^n`` over the classes
    present at stage i; ``L = L_CE + α L_PA``. Similarities are computed in float32 with autocast off.
 
-Defaults follow methods.md: λ = (0.1, 0.3, 0.7, 1.0), α = 0.1, **CHOICE** τ = 0.1, K_s = 0.5.
+Defaults: λ = (0.1, 0.3, 0.7, 1.0), α = 0.1, **CHOICE** τ = 0.1, K_s = 0.5. The specification,
+equations (CTX-1)-(CTX-10), every CHOICE and the paper's numbers: ``docs/methods.md#contextrast``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from torch import nn
 from ctxseg.config import TrainConfig
 from ctxseg.engine.distributed import all_gather_rows, contrast_gather, contrast_world, sum_gathered
 from ctxseg.methods.base import Method, cross_entropy
-from ctxseg.methods.pixel_contrast import block_centres, check_label_grid, downsample_labels, grid_stride
+from ctxseg.methods.contrast import block_centres, check_label_grid, downsample_labels, grid_stride
 from ctxseg.models.segmenter import Head, class_argmax
 
 BANE_NEGATIVES = ("missed", "false_positives")
@@ -162,7 +165,10 @@ class StageProjections(Head):
     bias (dim,)) per stage. The loss folds it into its small matrix products (``Projection``): at
     the stride-4 stage (c = 64 for ResNet-18) the 256-d embedding map, the largest tensor of the
     method, is never materialised, normalised or backpropagated through. ``stage_embeddings(out)``
-    gives the embeddings themselves (for plots)."""
+    gives the embeddings themselves (for plots); the figures read them L2-normalised as the
+    features ``stage1``..``stage4``."""
+
+    embedding_features = ("stage1", "stage2", "stage3", "stage4")
 
     def __init__(self, stage_channels: list[int], dim: int = 256, source: str = "encoder"):
         super().__init__()
@@ -178,6 +184,11 @@ class StageProjections(Head):
         hidden = [net[:-1](x).float() for net, x in zip(self.nets, contrasted_maps(out, self.source))]
         proj = [(net[-1].weight.flatten(1).float(), net[-1].bias.float()) for net in self.nets]
         return {"stage_hidden": hidden, "stage_proj": proj}
+
+    def feature_map(self, out, name):
+        if name not in self.embedding_features:
+            return super().feature_map(out, name)
+        return F.normalize(stage_embeddings(out)[self.embedding_features.index(name)].float(), dim=1), True
 
 
 def contrasted_maps(out, source: str) -> list[torch.Tensor]:
@@ -527,6 +538,13 @@ class Contextrast(Method):
     """CE + contextual contrastive learning over four stages, with BANE (``bane=True``)."""
 
     config_class = ContextrastConfig
+    key_settings = ("bane", "fusion", "contrast_features")
+
+    @classmethod
+    def embedding_feature(cls, config):
+        """With ``contrast_features=decoder`` the contrasted map the classifier reads (``decoder``);
+        with ``encoder`` (and runs older than the setting) the finest stage's embeddings."""
+        return "decoder" if config.get("contrast_features", "encoder") == "decoder" else "stage1"
 
     def heads(self, model):
         source = self.cfg.contrast_features

@@ -2,7 +2,7 @@
 segmentation from image-level tags, on top of the single-stage baseline ``wsss_cam``.
 
 Only the paper's abstract and Figure 1 were readable and it has no public code, so everything
-here is a **CHOICE** of methods.md section 4, each a setting of ``DSCNetConfig``:
+here is a **CHOICE** (``docs/methods.md#dscnet``), each a setting of ``DSCNetConfig``:
 
 - **PGCL, pixel-wise group contrast.** A training-only projection head maps the decoder features
   to L2-normalised pixel embeddings ``z``. A *group* is the reliable pixels of one class (pseudo
@@ -55,7 +55,7 @@ from torch import nn
 
 from ctxseg.data.base import IGNORE_INDEX
 from ctxseg.engine.distributed import contrast_gather, sum_gathered
-from ctxseg.methods.pixel_contrast import (
+from ctxseg.methods.contrast import (
     BUDGETS,
     ProjectionHead,
     anchor_terms,
@@ -297,6 +297,11 @@ class DSCNet(WSSSCam):
     """``wsss_cam`` + PGCL + SGCL, coupled as ``dual_stream`` A or B."""
 
     config_class = DSCNetConfig
+    key_settings = ("dual_stream",)
+
+    @classmethod
+    def embedding_feature(cls, config):
+        return "projection"
 
     def heads(self, model):
         cfg = self.cfg

@@ -1,7 +1,7 @@
 """Single-stage weakly supervised segmentation from image-level tags (``wsss_cam``).
 
 The baseline DSCNet builds on: the public single-stage method 1-stage-wseg (Araslanov & Roth,
-CVPR 2020), methods.md section 4. Its pseudo-label and segmentation-loss rules are facts of that
+CVPR 2020); its specification is ``docs/methods.md#wsss-cam``. Its pseudo-label and segmentation-loss rules are facts of that
 code (``models/stage_net.py``) and are the defaults here; what 1-stage-wseg does not decide is a
 **CHOICE**. Every rule is a setting of ``WSSSConfig``. The training loss never reads the pixel
 labels, only ``batch["tags"]`` (and ``batch["valid"]``, which pixels are image, not crop padding).
@@ -88,7 +88,7 @@ class WSSSConfig(TrainConfig):
             ``0.5 / (1 - p_c)`` (``p_c``: the class's tag frequency on the training images), so that
             a class tagged in nearly every image (sky: 94.5 % of the synthetic scenes) still learns
             where it is not from the few images without it. Off: 1-stage-wseg's unweighted
-            multilabel soft margin. On by default for the synthetic scenes (see methods.md §4).
+            multilabel soft margin. On by default for the synthetic scenes (``docs/methods.md`` (WS-3)).
         seg_warmup: fraction of the run trained with the classification loss only, before the
             segmentation loss on pseudo labels switches on (5/24 as in 1-stage-wseg).
         seg_weight: weight of the segmentation loss after the warm-up.

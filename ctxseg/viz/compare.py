@@ -16,13 +16,6 @@ import numpy as np
 from ctxseg.models.pretrained import describe as describe_weights
 from ctxseg.runs import load_run
 
-# The settings that tell a method's variants apart, shown in the table's "variant" column.
-KEY_SETTINGS = {
-    "pixel_contrast": ("memory",),
-    "contextrast": ("bane", "fusion"),
-    "dscnet": ("dual_stream",),
-}
-
 _METRICS = {"mIoU", "boundary IoU", "pixel acc", "CAM mIoU", "pseudo mIoU"}
 _COLUMNS = ["run", "method", "variant", "data", "encoder", "weights", "length", "seed", "split", "mIoU", "boundary IoU",
             "boundary px", "pixel acc", "CAM mIoU", "pseudo mIoU"]
@@ -46,8 +39,11 @@ def find_runs(root: str | Path = "runs", pattern: str = "*") -> list[dict]:
 
 
 def variant(config: dict) -> str:
-    """The key settings of a run's method (:data:`KEY_SETTINGS`), e.g. ``"dual_stream=B"``."""
-    keys = KEY_SETTINGS.get(config.get("method"), ())
+    """The key settings of a run's method (``Method.key_settings``), e.g. ``"dual_stream=B"``."""
+    from ctxseg.methods import METHODS
+
+    method = METHODS.get(config.get("method"))
+    keys = method.key_settings if method is not None else ()
     return ", ".join(f"{k}={config[k]}" for k in keys if k in config)
 
 

@@ -31,10 +31,6 @@ import torch.nn.functional as F
 
 from ctxseg.data.base import DatasetInfo
 
-STAGES = ("stage1", "stage2", "stage3", "stage4")
-# The feature each method's loss shapes: what a run is embedded with by default.
-DEFAULT_FEATURE = {"ce": "decoder", "pixel_contrast": "projection", "contextrast": "stage1",
-                   "wsss_cam": "decoder", "dscnet": "projection"}
 CACHE_VERSION = 1
 
 
@@ -153,34 +149,31 @@ class Embeddings:
 
 
 def feature_names(model) -> list[str]:
-    """The features ``embed_pixels`` can read from ``model``: always ``"decoder"``; plus
-    ``"projection"`` (pixel contrast, DSCNet) and ``"stage1".."stage4"`` (Contextrast) when the
-    model carries those training heads."""
-    from ctxseg.methods.contextrast import StageProjections
-    from ctxseg.methods.pixel_contrast import ProjectionHead
-
-    heads = list(getattr(model, "heads", {}).values())
+    """The features ``embed_pixels`` can read from ``model``: always ``"decoder"`` (the map the
+    classifier reads), plus those its training heads offer (each head's ``embedding_features``:
+    ``"projection"`` for pixel contrast and DSCNet, ``"stage1".."stage4"`` for Contextrast)."""
     names = ["decoder"]
-    if any(isinstance(h, ProjectionHead) for h in heads):
-        names.append("projection")
-    if any(isinstance(h, StageProjections) for h in heads):
-        names += list(STAGES)
+    for head in getattr(model, "heads", {}).values():
+        names += [n for n in getattr(head, "embedding_features", ()) if n not in names]
     return names
+
+
+def default_feature(config: Mapping) -> str:
+    """The feature a run's method shapes (``Method.embedding_feature``), from the run's config as
+    config.yaml stores it: what a run is embedded with by default."""
+    from ctxseg.methods import get_method
+
+    return get_method(config["method"]).embedding_feature(config)
 
 
 def _feature_map(model, out, feature: str) -> tuple[torch.Tensor, bool]:
     """(B, D, h, w) map of ``feature`` and whether it is L2-normalised."""
     if feature == "decoder":
         return out["features"].float(), False
-    if feature == "projection":
-        from ctxseg.methods.pixel_contrast import embedding_map
-
-        return embedding_map(out), True
-    if feature in STAGES:
-        from ctxseg.methods.contextrast import stage_embeddings
-
-        emb = stage_embeddings(out)[STAGES.index(feature)].float()
-        return F.normalize(emb, dim=1), True
+    for head in getattr(model, "heads", {}).values():
+        if feature in getattr(head, "embedding_features", ()):
+            maps, normalized = head.feature_map(out, feature)
+            return maps.float(), normalized
     raise ValueError(f"unknown feature {feature!r}; this model has {feature_names(model)}")
 
 

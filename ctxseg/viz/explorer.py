@@ -10,9 +10,10 @@ from pathlib import Path
 import ipywidgets as widgets
 import numpy as np
 
+from ctxseg.config import to_plain
 from ctxseg.viz.embeddings import (
-    DEFAULT_FEATURE,
     PixelSample,
+    default_feature,
     feature_names,
     nearest_point,
     pixel_embeddings,
@@ -100,12 +101,12 @@ class EmbeddingExplorer(widgets.VBox):
         """The features run ``name`` can be embedded with (its training heads decide)."""
         if name not in self._features:
             run = self._open_run(self.runs[name], heads=True)
-            self._features[name] = (feature_names(run.model), run.cfg.method)
+            self._features[name] = (feature_names(run.model), default_feature(to_plain(run.cfg)))
         return self._features[name][0]
 
     def _default_feature(self, name: str, asked: Mapping[str, str]) -> str:
         have = self.features_of(name)
-        wanted = asked.get(name) or DEFAULT_FEATURE.get(self._features[name][1], "decoder")
+        wanted = asked.get(name) or self._features[name][1]
         return wanted if wanted in have else "decoder"
 
     def _follow(self, k: int, name: str) -> None:
@@ -171,7 +172,7 @@ def embedding_explorer(runs: Mapping[str, str | Path], sample: PixelSample, data
                        figsize: tuple[float, float] | None = None) -> EmbeddingExplorer:
     """The embedding explorer for ``sample`` (pixels of ``dataset``) over ``runs`` (name -> run
     folder). One panel per name of ``panels`` (default: the first three runs), each starting on
-    ``features[name]`` (default: the feature its method's loss shapes, ``DEFAULT_FEATURE``).
+    ``features[name]`` (default: the feature its method's loss shapes, ``default_feature``).
     ``more_runs``: a folder whose other finished runs on the same images (names matching
     ``pattern``) are offered in the run pickers too. ``layout_fn``: ``umap_2d`` or a function with
     its signature. Returns the widget; display it (last line of a cell)."""

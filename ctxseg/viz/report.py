@@ -34,7 +34,7 @@ def _same_data(runs: list[dict]) -> list[dict]:
 def _umap_section(same: list[dict], ds, per_class: int, progress: bool) -> list[str]:
     """The same pixels of ``ds`` embedded by every run of ``same``, side by side."""
     from ctxseg.viz.embeddings import (
-        DEFAULT_FEATURE,
+        default_feature,
         embedding_scores,
         pixel_embeddings,
         plot_embeddings,
@@ -47,7 +47,7 @@ def _umap_section(same: list[dict], ds, per_class: int, progress: bool) -> list[
     for r in same:
         # The training heads live only in the checkpoints: an exported-only run has its decoder.
         has_heads = run_file(r["path"], heads=True).suffix == ".pt"
-        feature = DEFAULT_FEATURE.get(r["config"].get("method"), "decoder") if has_heads else "decoder"
+        feature = default_feature(r["config"]) if has_heads else "decoder"
         emb = pixel_embeddings(r["path"], sample, feature, dataset=ds, progress=progress)
         layouts[r["name"]] = (umap_2d(emb, mode="reproducible", seed=0, progress=progress), emb)
         scores[r["name"]] = embedding_scores(emb.x, sample.label, metric=emb.metric)
