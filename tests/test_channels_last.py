@@ -16,7 +16,7 @@ from ctxseg.study import parse_method_spec
 SIZE = (64, 64)
 # Every registered method at its defaults, plus the variants that take other code paths.
 SPECS = [*sorted(METHODS), "pixel_contrast:memory=true,memory_size=64", "contextrast:bane=false",
-         "contextrast:contrast_features=decoder",
+         "contextrast:contrast_features=encoder",
          "dscnet:dual_stream=B"]
 
 
