@@ -628,10 +628,12 @@ def _wait_widgets(page, name: str) -> dict:
         time.sleep(0.5)
 
 
-def _changes(kind: str, state: dict) -> list[tuple[str, object]]:
+def _changes(kind: str, state: dict, shown: set[str] = frozenset()) -> list[tuple[str, object]]:
     """The changes to try on a control, in order, until one redraws its figure: a slider one step,
-    then to either end; another option of a dropdown, select or toggle buttons (up to three); a
-    checkbox flipped; a multiple selection cut to the first option, to the last, or all."""
+    then to either end; another option of a dropdown, select or toggle buttons (up to three; first
+    those that another dropdown of the cell shows, ``shown``, whose figure is often computed
+    already: notebook 05's run pickers); a checkbox flipped; a multiple selection cut to the first
+    option, to the last, or all."""
     if kind == "slider":
         step = "ArrowLeft" if float(state["now"]) >= float(state["max"]) else "ArrowRight"
         return [("key", step), ("key", "End"), ("key", "Home")]
@@ -642,7 +644,8 @@ def _changes(kind: str, state: dict) -> list[tuple[str, object]]:
         subsets = [[0], [n - 1], list(range(n))]
         return [("choose", sub) for k, sub in enumerate(subsets) if sub != chosen and sub not in subsets[:k]]
     first = chosen[0] if chosen else -1
-    return [("choose" if kind != "toggle" else "click", (first + d) % n) for d in range(1, min(n, 4))]
+    others = sorted(((first + d) % n for d in range(1, n)), key=lambda i: state["options"][i] not in shown)
+    return [("choose" if kind != "toggle" else "click", i) for i in others[:3]]
 
 
 def _value(state: dict) -> str:
@@ -729,7 +732,10 @@ def _exercise_controls(page, name: str, stem: str, tmp_path: Path) -> tuple[list
         control = page.locator(f'[data-ctxseg-control="{k}"]').first
         control.scroll_into_view_if_needed()
         initial = page.evaluate(CONTROL_STATE_JS, k)
-        changes = _changes(kind, initial)
+        shown = {o["options"][i] for o in (page.evaluate(CONTROL_STATE_JS, other["k"]) for other in controls
+                                           if other["area"] == area and other["k"] != k and other["kind"] == "dropdown")
+                 for i in o["chosen"]}
+        changes = _changes(kind, initial, shown)
         if not changes:
             fixed.append(where)
             continue

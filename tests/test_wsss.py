@@ -342,6 +342,22 @@ def test_group_centres_and_contrast_equal_the_oracle_with_gradients():
     assert torch.isfinite(g).all() and torch.allclose(g, g_ref, atol=1e-5)
 
 
+def test_dual_stream_b_centres_equal_the_oracle_with_gradients():
+    # Variant B's PGCL centres: the normalised mean of each class's (present) node embeddings, on
+    # nodes that differ (an untrained GCN's nodes are nearly identical, which would hide a missing
+    # normalisation or a node of another class or image counted in).
+    tags = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)  # class 3: no node
+    present, classes, images = node_layout(tags, background=None)
+    z = F.normalize(_rand(12, 5, seed=8), dim=1).requires_grad_()
+    centres, has = graph_class_embeddings(z, classes, present, 4)
+    ref_c, ref_has = oracle.graph_centres(z, classes, present, 4)
+    assert torch.equal(has, ref_has) and has.tolist() == [True, True, True, False]
+    assert torch.allclose(centres, ref_c, atol=1e-10)
+    (g,) = torch.autograd.grad(centres.sum(), z)
+    (g_ref,) = torch.autograd.grad(ref_c.sum(), z)
+    assert torch.allclose(g, g_ref, atol=1e-10) and g[~present].abs().sum() == 0
+
+
 def test_graph_stream_equals_the_oracle_with_gradients():
     b, c, d = 3, 4, 5
     tags = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.float64)
@@ -479,8 +495,10 @@ def _batch_and_out(method, model, seed=0, b=4, size=32):
 @pytest.mark.parametrize("variant,budget", [("A", "per_batch"), ("B", "per_image"), ("A", "per_image")])
 def test_dscnet_terms_equal_the_oracles(variant, budget):
     torch.manual_seed(0)
+    # No gating: this untrained model's pseudo labels miss tagged classes, which would gate every
+    # image out, leave PGCL no reliable pixel and no anchor, and make its comparison 0 == 0.
     cfg = make_config(DSCNetConfig, encoder="test_resnet", iters=10, dual_stream=variant, pgcl_anchors=64,
-                      pgcl_anchors_per_image=10, pgcl_budget=budget, seg_warmup=0.0)
+                      pgcl_anchors_per_image=10, pgcl_budget=budget, seg_warmup=0.0, seg_gate=False)
     method = DSCNet(cfg, VOC_LIKE, 10)
     model = build_model(cfg, VOC_LIKE.num_classes, heads=method.heads)
     out, batch = _batch_and_out(method, model)
@@ -502,13 +520,21 @@ def test_dscnet_terms_equal_the_oracles(variant, budget):
         layers[0].weight, layers[0].bias, layers[1].weight, layers[1].bias))), dim=1)
     sgcl = oracle.node_contrast(nodes, classes, images, present, 0.1)
     assert terms["sgcl"].item() == pytest.approx(sgcl.item(), abs=1e-5)
+    # The group centres themselves (an untrained model's anchors are about equally similar to
+    # every centre, so PGCL alone, about log 4, would hardly tell centres apart).
     if variant == "A":
         centres, has = oracle.group_centres(z.double(), y, conf.double(), 4)
+        got, got_has = group_centres(z, y, conf, 4)
     else:
         centres, has = oracle.graph_centres(nodes, classes, present, 4)
         # Every class has a node: background in each image, a tagged in all, b in images 0-1, c in 2.
         assert has.tolist() == [True] * 4
+        got, got_has = graph_class_embeddings(method.graph_stream(out, batch["tags"], weak["valid"])[0],
+                                              classes, present, 4)
+    assert torch.equal(got_has, has) and has.sum() >= 2
+    torch.testing.assert_close(got.double(), centres, atol=1e-5, rtol=0)
     pgcl = oracle.group_contrast(anchors.double(), anchor_labels, centres, has, 0.1)
+    assert len(anchors) > 0 and pgcl.item() > 0
     assert terms["pgcl"].item() == pytest.approx(pgcl.item(), abs=1e-5)
     reliable = (weak["labels"] != IGNORE_INDEX).flatten(1).sum(1)
     if budget == "per_batch":
