@@ -207,40 +207,43 @@ def metrics_row(result: dict) -> dict[str, Any]:
     return row
 
 
-def run_time(path: str | Path) -> dict[str, Any]:
-    """Training time of a run: ``steps`` and median ``sec_per_iter`` of its metrics.jsonl rows, and
-    ``wall_s``, the wall time the study measured (study_time.json), where available."""
-    path = Path(path)
-    rates, steps = [], None
-    log = path / "metrics.jsonl"
+def logged_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's metrics.jsonl (none without one); a line that is not JSON (a run
+    killed mid-write) is skipped."""
+    log = Path(path) / "metrics.jsonl"
+    rows = []
     if log.is_file():
         for line in log.read_text().splitlines():
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            if "sec_per_iter" in row:
-                rates.append(row["sec_per_iter"])
-                steps = row.get("step", steps)
+    return rows
+
+
+def run_time(path: str | Path, rows: Sequence[dict] | None = None) -> dict[str, Any]:
+    """Training time of a run: ``steps`` and median ``sec_per_iter`` of its metrics.jsonl rows
+    (``rows``, if already read), and ``wall_s``, the wall time the study measured
+    (study_time.json), where available."""
+    path = Path(path)
+    rates, steps = [], None
+    for row in logged_rows(path) if rows is None else rows:
+        if "sec_per_iter" in row:
+            rates.append(row["sec_per_iter"])
+            steps = row.get("step", steps)
     wall = None
     if (path / "study_time.json").is_file():
         wall = json.loads((path / "study_time.json").read_text()).get("seconds")
     return {"steps": steps, "sec_per_iter": statistics.median(rates) if rates else None, "wall_s": wall}
 
 
-def evaluations(path: str | Path, split: str) -> list[dict[str, Any]]:
-    """The evaluations on ``split`` a run logged while it trained (``eval_every``; the last is the
-    final one): ``step`` and the metrics of ``METRICS`` of each, in step order, one per step."""
-    log = Path(path) / "metrics.jsonl"
+def evaluations(rows: Sequence[dict], split: str) -> list[dict[str, Any]]:
+    """The evaluations on ``split`` among a run's metrics.jsonl ``rows`` (``eval_every``; the last
+    is the final one): ``step`` and the metrics of ``METRICS`` of each, in step order, one per step."""
     found = {}
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("split") == split and "step" in row and row.get("miou") is not None:
-                found[row["step"]] = {"step": row["step"], **{m: _finite(row.get(m)) for m in METRICS}}
+    for row in rows:
+        if row.get("split") == split and "step" in row and row.get("miou") is not None:
+            found[row["step"]] = {"step": row["step"], **{m: _finite(row.get(m)) for m in METRICS}}
     return [found[s] for s in sorted(found)]
 
 
@@ -260,8 +263,9 @@ def collect_results(out: str | Path, specs: Sequence[MethodSpec], seeds: Sequenc
                 missing.append({"method": spec.spec, "seed": seed, "folder": str(path), "state": why})
                 continue
             row = metrics_row(json.loads(found.read_text()))
-            row["time"] = run_time(path)
-            row["during"] = evaluations(path, split)
+            logged = logged_rows(path)
+            row["time"] = run_time(path, logged)
+            row["during"] = evaluations(logged, split)
             rows[spec.spec][seed] = row
     return rows, missing
 
@@ -300,18 +304,18 @@ def paired_by_step(a: dict[int, dict], b: dict[int, dict], seeds: Sequence[int])
     over the seeds with both values. A curve of the difference against training length, within
     the runs' schedule (the learning rate has not decayed at an intermediate step as it has at
     the end of a run that long)."""
-    steps = sorted({e["step"] for s in seeds if s in a for e in a[s].get("during", [])})
+    def by_step(rows):
+        return {s: {e["step"]: e for e in rows[s].get("during", [])} for s in seeds if s in rows}
+
+    ea, eb = by_step(a), by_step(b)
+    steps = sorted({step for evals in ea.values() for step in evals})
     curve = []
     for step in steps:
         entry = {"step": step}
         for m in ("miou", "boundary_iou"):
-            diffs = []
-            for s in seeds:
-                va = next((e[m] for e in (a.get(s) or {}).get("during", []) if e["step"] == step), None)
-                vb = next((e[m] for e in (b.get(s) or {}).get("during", []) if e["step"] == step), None)
-                if va is not None and vb is not None:
-                    diffs.append(va - vb)
-            entry[m] = paired_interval(diffs)
+            pairs = [(ea[s][step].get(m), eb[s][step].get(m)) for s in seeds
+                     if step in ea.get(s, {}) and step in eb.get(s, {})]
+            entry[m] = paired_interval([va - vb for va, vb in pairs if va is not None and vb is not None])
         if entry["miou"]["n"]:
             curve.append(entry)
     return curve
