@@ -444,13 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # the study writes its exact command line into its summary
     commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo, "study": cmd_study,
                 "download": cmd_download}
-    from ctxseg.data.download import DownloadError
-    from ctxseg.engine.checkpoint import CheckpointError
+    from ctxseg.runs import INPUT_ERRORS
+    from ctxseg.study import RunsFailed
 
     try:
         return commands[args.command](args)
-    except (ValueError, FileExistsError, CheckpointError, DownloadError) as e:
-        # Configuration, data and checkpoint errors are the user's to fix (DatasetError is a
-        # ValueError): one clear line that names the setting or file, no traceback.
+    except INPUT_ERRORS as e:
+        # Configuration, data and checkpoint errors are the user's to fix: one clear line that
+        # names the setting or file, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunsFailed as e:  # the study printed each failure's traceback as it happened
+        print(f"error: {e}", file=sys.stderr)
+        return 1

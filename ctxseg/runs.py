@@ -29,6 +29,7 @@ import yaml
 
 from ctxseg.config import TrainConfig, apply_overrides, from_plain, to_plain
 from ctxseg.data.base import DatasetInfo
+from ctxseg.data.download import DownloadError
 from ctxseg.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ctxseg.engine.evaluate import build_model
 from ctxseg.engine.resolve import resolve_config
@@ -183,6 +184,12 @@ REUSE_IGNORED = ("out", *TrainConfig.runtime_keys)
 
 class RunSettingsError(ValueError):
     """A run folder holds a run made with other settings than the asked ones."""
+
+
+# Errors in what the user gave (a setting, a data file, a checkpoint, a download; DatasetError,
+# PretrainedError and RunSettingsError are ValueErrors): the command line prints them as one line
+# that names the setting or file, and a study stops at the first, since every run would hit it.
+INPUT_ERRORS = (ValueError, FileExistsError, CheckpointError, DownloadError)
 
 
 def run_state(path: str | Path) -> str:

@@ -18,6 +18,7 @@ import re
 import shlex
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ CI_METHOD = (
 )
 NOISE = "interval includes 0: not distinguishable from seed noise"
 NO_INTERVAL = "fewer than 2 paired seeds: no interval can be computed"
+
+
+class RunsFailed(RuntimeError):
+    """Runs of a study broke; the others finished and are summarized (``run_study``)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,23 +555,38 @@ def job_resources(jobs: int, threads: int | None = None, cpus: int | None = None
 
 
 def _train_all(todo: Sequence[tuple[Run, str]], train: Callable[[Any], None], jobs: int, threads: int | None,
-               log) -> None:
+               log) -> list[str]:
     """Train ``todo`` ((run, verb) pairs), ``jobs`` at a time in fresh worker processes when
     ``jobs`` > 1 (``train`` must then be picklable: a module-level function or a partial of one).
-    A run that fails does not stop the others; the failures are raised together at the end."""
+    A run that breaks does not stop the others: its traceback is logged and it is returned, one
+    line per failed run. An input error (``INPUT_ERRORS``) is raised as it is, and no run is
+    started after it."""
+    from ctxseg.runs import INPUT_ERRORS
+
+    failed = []
+
+    def broke(run, e):
+        log(f"{run.spec.spec} seed {run.seed}: failed:\n" + "".join(traceback.format_exception(e)).rstrip(), flush=True)
+        failed.append(f"{run.spec.spec} seed {run.seed}: {type(e).__name__}: {e}")
+
     if jobs <= 1:
         for run, verb in todo:
             start = time.perf_counter()
-            train(run.cfg)
+            try:
+                train(run.cfg)
+            except INPUT_ERRORS:
+                raise
+            except Exception as e:  # noqa: BLE001 -- reported with the run it belongs to
+                broke(run, e)
+                continue
             record_time(run.dir, verb, time.perf_counter() - start)
-        return
+        return failed
     import dataclasses
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     n_threads, n_workers = job_resources(jobs, threads)
     log(f"{len(todo)} run(s) to train, {jobs} at a time, {n_threads} torch thread(s) each", flush=True)
-    failed = []
     # spawn: a fresh interpreter per run (no forked OpenMP state, memory returned after each run).
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = {}
@@ -579,15 +599,15 @@ def _train_all(todo: Sequence[tuple[Run, str]], train: Callable[[Any], None], jo
             run, verb = futures[future]
             try:
                 seconds = future.result()
+            except INPUT_ERRORS:
+                pool.shutdown(cancel_futures=True)  # the runs not yet started; the started ones end
+                raise
             except Exception as e:  # noqa: BLE001 -- reported with the run it belongs to
-                failed.append(f"{run.spec.spec} seed {run.seed}: {type(e).__name__}: {e}")
-                log(f"{run.spec.spec} seed {run.seed}: failed: {type(e).__name__}: {e}", flush=True)
+                broke(run, e)
                 continue
             record_time(run.dir, verb, seconds)
             log(f"{run.spec.spec} seed {run.seed}: trained in {seconds:.0f} s -> {run.dir}", flush=True)
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(todo)} run(s) failed (the others are kept; run the study again "
-                           "to resume them): " + "; ".join(failed))
+    return failed
 
 
 def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[int], out: str | Path,
@@ -598,11 +618,14 @@ def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[
     they were evaluated on another, then write the summary. ``train(cfg)`` trains one run,
     resuming from its newest checkpoint; ``evaluator(run folder, split)`` returns the metrics.
     ``jobs`` > 1 trains that many runs at once, each in its own process with ``threads`` torch
-    threads (default: the CPUs divided among the jobs; see ``_train_all``). With ``jobs`` > 1 a
-    run that fails does not stop the others: after them a RuntimeError names every failed run, and
-    the next call resumes them. One at a time, a failure stops the study with its own error (a
-    data error stays the one-line message the command prints)."""
+    threads (default: the CPUs divided among the jobs; see ``_train_all``).
+
+    A run that breaks (a diverged loss, out of memory, ...) does not stop the others: the finished
+    runs are evaluated and summarized, then ``RunsFailed`` names every failed run, and the next
+    call resumes them. An input error (``ctxseg.runs.INPUT_ERRORS``: a bad setting, data file or
+    checkpoint, which every run would hit) stops the study at once with its own message."""
     check_run_folders(runs)
+    failed, tried = [], 0
     if not summarize_only:
         todo = []
         for k, run in enumerate(runs, 1):
@@ -610,12 +633,13 @@ def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[
             verb = {"finished": "reusing", "started": "resuming", "new": "training"}[state]
             log(f"[{k}/{len(runs)}] {run.spec.spec} seed {run.seed}: {verb} -> {run.dir}", flush=True)
             if state != "finished":
+                tried += 1
                 if jobs <= 1:  # one at a time, as listed
-                    _train_all([(run, verb)], train, 1, threads, log)
+                    failed += _train_all([(run, verb)], train, 1, threads, log)
                 else:
                     todo.append((run, verb))
         if todo:
-            _train_all(todo, train, jobs, threads, log)
+            failed += _train_all(todo, train, jobs, threads, log)
     for run in runs:
         if run_state(run.dir) == "finished" and eval_file(run.dir, split) is None:
             log(f"{run.spec.spec} seed {run.seed}: evaluating on split {split!r} -> {run.dir / f'eval-{split}.json'}",
@@ -624,4 +648,7 @@ def run_study(runs: Sequence[Run], specs: Sequence[MethodSpec], seeds: Sequence[
     rows, missing = collect_results(out, specs, seeds, split)
     summary = summarize(rows, specs, seeds, split, missing, argv, out)
     write_summary(out, summary)
+    if failed:
+        raise RunsFailed(f"{len(failed)} of {tried} run(s) failed (the finished ones are kept and summarized in "
+                         f"{Path(out) / 'summary.md'}; run the study again to resume the others): " + "; ".join(failed))
     return summary

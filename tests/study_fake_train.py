@@ -1,6 +1,7 @@
 """A stand-in for a study's training function (module level, so that ``--jobs`` can pickle it into
-its worker processes): it writes the run folder's config.yaml and eval.json, or raises for the runs
-in ``fail`` ({(method, seed)}), as a training that breaks would."""
+its worker processes): it writes the run folder's config.yaml and eval.json, or raises ``error`` for
+the runs in ``fail`` ({(method, seed)}): FloatingPointError as a diverged training does (the
+trainer's non-finite loss), or an input error such as DatasetError."""
 
 import json
 from pathlib import Path
@@ -10,9 +11,9 @@ import yaml
 from ctxseg.config import to_plain
 
 
-def fake_train(cfg, fail=frozenset()):
+def fake_train(cfg, fail=frozenset(), error=FloatingPointError):
     if (cfg.method, cfg.seed) in fail:
-        raise ValueError(f"boom in {cfg.method} seed {cfg.seed}")
+        raise error(f"boom in {cfg.method} seed {cfg.seed}")
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))

@@ -278,9 +278,10 @@ def test_paired_interval_with_two_seeds_and_with_no_spread():
     assert reading(negative, "ce") == "lower than ce (interval excludes 0)" and reading(zero, "ce") == NOISE
 
 
-def _fake_study(out, fail, jobs):
+def _fake_study(out, fail, jobs, error=FloatingPointError):
     """``run_study`` of ce and pixel_contrast over seeds 0 and 1 with study_fake_train's training
-    (the runs in ``fail`` raise); returns (summary, log lines)."""
+    (the runs in ``fail`` raise ``error``); returns (summary, log lines). On a failure the log
+    lines are on the exception as ``lines``."""
     import functools
 
     from study_fake_train import fake_train
@@ -293,8 +294,12 @@ def _fake_study(out, fail, jobs):
     runs = plan_runs(specs, [0, 1], out, lambda spec: make_config(get_method(spec.name).config_class, iters=1,
                                                                    encoder="test_resnet", device="cpu"))
     lines = []
-    summary = run_study(runs, specs, [0, 1], out, "val", train=functools.partial(fake_train, fail=fail),
-                        evaluator=None, log=lambda line, **_: lines.append(line), jobs=jobs, threads=1)
+    try:
+        summary = run_study(runs, specs, [0, 1], out, "val", train=functools.partial(fake_train, fail=fail, error=error),
+                            evaluator=None, log=lambda line, **_: lines.append(line), jobs=jobs, threads=1)
+    except Exception as e:
+        e.lines = lines
+        raise
     return summary, lines
 
 
@@ -302,18 +307,26 @@ def _finished(out):
     return sorted(str(p.parent.relative_to(out)) for p in out.rglob("eval.json"))
 
 
-def test_with_jobs_a_failed_run_does_not_stop_the_others_and_all_failures_are_reported(tmp_path):
-    # --jobs 2: the first run and the last fail; the two between still train, both failures are
-    # named at the end, and the next call (one at a time: no more worker processes to start)
-    # trains only the failed ones.
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_run_that_breaks_does_not_stop_the_others_and_all_failures_are_reported(tmp_path, jobs):
+    # The first run and the last break (a diverged loss); the two between still train, the
+    # summary of the finished ones is written, both failures are named at the end with their
+    # tracebacks logged, and the next call trains only the failed ones.
+    from ctxseg.study import RunsFailed
+
     out = tmp_path / "study"
-    with pytest.raises(RuntimeError) as e:
-        _fake_study(out, frozenset({("ce", 0), ("pixel_contrast", 1)}), jobs=2)
+    with pytest.raises(RunsFailed) as e:
+        _fake_study(out, frozenset({("ce", 0), ("pixel_contrast", 1)}), jobs=jobs)
     message = str(e.value)
     assert message.startswith("2 of 4 run(s) failed") and "run the study again" in message, message
-    assert "ce seed 0: ValueError: boom in ce seed 0" in message
-    assert "pixel_contrast seed 1: ValueError: boom in pixel_contrast seed 1" in message
+    assert "ce seed 0: FloatingPointError: boom in ce seed 0" in message
+    assert "pixel_contrast seed 1: FloatingPointError: boom in pixel_contrast seed 1" in message
     assert _finished(out) == ["ce/s1", "pixel_contrast/s0"]
+    tracebacks = [line for line in e.value.lines if "failed:\n" in line]
+    assert len(tracebacks) == 2 and all("Traceback" in line and "in fake_train" in line for line in tracebacks), \
+        e.value.lines
+    partial = json.loads((out / "summary.json").read_text())
+    assert sorted((m["method"], m["seed"]) for m in partial["missing"]) == [("ce", 0), ("pixel_contrast", 1)]
     summary, lines = _fake_study(out, frozenset(), jobs=1)
     assert [line.split(": ")[1].split(" ->")[0] for line in lines if line.startswith("[")] == \
         ["training", "reusing", "reusing", "training"]
@@ -321,15 +334,35 @@ def test_with_jobs_a_failed_run_does_not_stop_the_others_and_all_failures_are_re
     assert summary["paired"]["pixel_contrast"]["miou"]["mean"] == pytest.approx(0.02)
 
 
-def test_one_at_a_time_a_failed_run_stops_the_study_with_its_own_error(tmp_path):
-    # Without --jobs the error is the run's own (a data error stays the one-line message of the
-    # command, test_folder_dataset), and the runs after it wait for the next call.
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_an_input_error_stops_the_study_with_its_own_message(tmp_path, jobs):
+    # A bad data file or setting would break every run: the study raises the run's own error (the
+    # command prints it as one line, test_folder_dataset) and starts nothing after it; the next
+    # call goes on.
+    from ctxseg.data.base import DatasetError
+
     out = tmp_path / "study"
-    with pytest.raises(ValueError, match="^boom in pixel_contrast seed 0$"):
-        _fake_study(out, frozenset({("pixel_contrast", 0)}), jobs=1)
-    assert _finished(out) == ["ce/s0"]
+    with pytest.raises(DatasetError, match="^boom in pixel_contrast seed 0$"):
+        _fake_study(out, frozenset({("pixel_contrast", 0)}), jobs=jobs, error=DatasetError)
+    if jobs == 1:  # in order: ce seed 0 trained, nothing after the failure
+        assert _finished(out) == ["ce/s0"]
+    assert not (out / "summary.json").exists()
     summary, _ = _fake_study(out, frozenset(), jobs=1)
     assert _finished(out) == ["ce/s0", "ce/s1", "pixel_contrast/s0", "pixel_contrast/s1"] and summary["missing"] == []
+
+
+def test_the_command_reports_broken_runs_in_one_line_and_exits_1(tmp_path, capsys, monkeypatch):
+    import ctxseg.cli
+
+    def diverges(cfg, progress):
+        raise FloatingPointError(f"loss is nan at step 3 ({cfg.method} seed {cfg.seed})")
+
+    monkeypatch.setattr(ctxseg.cli, "_train_study_run", diverges)
+    out = tmp_path / "study"
+    assert main(["study", "--methods", "ce", "--seeds", "0", "--out", str(out), *TINY]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("error: 1 of 1 run(s) failed") and str(out / "summary.md") in line, line
+    assert line.endswith("ce seed 0: FloatingPointError: loss is nan at step 3 (ce seed 0)"), line
 
 
 @pytest.mark.slow
