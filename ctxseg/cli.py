@@ -379,7 +379,7 @@ def _add_study(sub) -> None:
                    help="train N runs at once, each in its own process (on a CPU, several 1-thread runs "
                    "finish a study sooner than one multi-threaded run at a time); default 1")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads per run with --jobs > 1 (default: the CPUs divided among the jobs)")
+                   help="torch threads per run (default: the CPUs divided among the jobs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

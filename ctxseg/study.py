@@ -557,7 +557,8 @@ def job_resources(jobs: int, threads: int | None = None, cpus: int | None = None
 def _train_all(todo: Sequence[tuple[Run, str]], train: Callable[[Any], None], jobs: int, threads: int | None,
                log) -> list[str]:
     """Train ``todo`` ((run, verb) pairs), ``jobs`` at a time in fresh worker processes when
-    ``jobs`` > 1 (``train`` must then be picklable: a module-level function or a partial of one).
+    ``jobs`` > 1 (``train`` must then be picklable: a module-level function or a partial of one),
+    each with ``threads`` torch threads (one at a time: this process's count when None).
     A run that breaks does not stop the others: its traceback is logged and it is returned, one
     line per failed run. An input error (``INPUT_ERRORS``) is raised as it is, and no run is
     started after it."""
@@ -570,16 +571,23 @@ def _train_all(todo: Sequence[tuple[Run, str]], train: Callable[[Any], None], jo
         failed.append(f"{run.spec.spec} seed {run.seed}: {type(e).__name__}: {e}")
 
     if jobs <= 1:
-        for run, verb in todo:
-            start = time.perf_counter()
-            try:
-                train(run.cfg)
-            except INPUT_ERRORS:
-                raise
-            except Exception as e:  # noqa: BLE001 -- reported with the run it belongs to
-                broke(run, e)
-                continue
-            record_time(run.dir, verb, time.perf_counter() - start)
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)  # --threads holds one at a time too
+        try:
+            for run, verb in todo:
+                start = time.perf_counter()
+                try:
+                    train(run.cfg)
+                except INPUT_ERRORS:
+                    raise
+                except Exception as e:  # noqa: BLE001 -- reported with the run it belongs to
+                    broke(run, e)
+                    continue
+                record_time(run.dir, verb, time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(before)
         return failed
     import dataclasses
     import multiprocessing

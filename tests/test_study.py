@@ -334,6 +334,34 @@ def test_a_run_that_breaks_does_not_stop_the_others_and_all_failures_are_reporte
     assert summary["paired"]["pixel_contrast"]["miou"]["mean"] == pytest.approx(0.02)
 
 
+def test_threads_hold_for_one_run_at_a_time_too(tmp_path):
+    # --threads without --jobs: each run trains with that many torch threads (before, only --jobs
+    # > 1 applied it, and a 1-thread run beside another job silently took every CPU), and the
+    # process's own count is restored afterwards.
+    import torch
+    from study_fake_train import fake_train
+
+    from ctxseg.config import make_config
+    from ctxseg.methods import get_method
+    from ctxseg.study import plan_runs, run_study
+
+    specs = parse_method_specs(["ce"])
+    before = torch.get_num_threads()
+    for threads, want in ((before + 1, before + 1), (None, before)):  # a count that differs from the default
+        out = tmp_path / f"study-{threads}"
+        runs = plan_runs(specs, [0, 1], out, lambda spec: make_config(get_method(spec.name).config_class, iters=1,
+                                                                       encoder="test_resnet", device="cpu"))
+        seen = []
+
+        def train(cfg):
+            seen.append(torch.get_num_threads())
+            fake_train(cfg)
+
+        run_study(runs, specs, [0, 1], out, "val", train=train, evaluator=None, log=lambda *a, **k: None,
+                  jobs=1, threads=threads)
+        assert seen == [want, want] and torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_an_input_error_stops_the_study_with_its_own_message(tmp_path, jobs):
     # A bad data file or setting would break every run: the study raises the run's own error (the
