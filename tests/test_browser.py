@@ -775,6 +775,10 @@ def _exercise_controls(page, name: str, stem: str, tmp_path: Path) -> tuple[list
             back = page.evaluate(CONTROL_STATE_JS, k)
             assert back == initial, f"{where}: set back to {_value(initial)}, it shows {_value(back)}"
             _wait_kernel(page, area, after, counts, where, f"{_value(now)} -> {_value(initial)}", stem, tmp_path, k)
+            # The figure is back, but the kernel may still be finishing that request: the next
+            # control's change must not be read against its trailing messages (a race that once
+            # reported a toggle as sending no figure).
+            page.wait_for_function("() => window.__ctxseg.pending.size === 0", timeout=REDRAW_TIMEOUT * 1000)
     return redrew, fixed
 
 
